@@ -1,0 +1,39 @@
+"""tracin: which training examples made a model predict what it predicts.
+
+TracInCP (Pruthi et al., NeurIPS 2020): the influence of training example z on query z' is
+``sum_c lr_c * <g_c(z), g_c(z')>`` over checkpoints c saved during training, with g_c the
+gradient of the per-example loss (or of a prediction score, for unlabelled queries).
+
+    import tracin
+    task = tracin.ClassificationTask()
+    ckpts = tracin.Checkpoints.from_paths(paths, lr=[0.1, 0.1, 0.01])
+    run = tracin.featurize(model, task, ckpts, train_dataset)
+    run.self_influence()              # (N,)
+    run.proponents(query_batch, k=10) # Neighbors(indices, scores), each (Q, k)
+"""
+
+from tracin._checkpoints import Checkpoint, Checkpoints
+from tracin._errors import CheckpointError, ConfigError, DataError, TaskError, TracInError
+from tracin._run import Run, featurize
+from tracin._scoring import Neighbors
+from tracin._task import ClassificationTask, RegressionTask, Task, check_task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "Checkpoints",
+    "ClassificationTask",
+    "ConfigError",
+    "DataError",
+    "Neighbors",
+    "RegressionTask",
+    "Run",
+    "Task",
+    "TaskError",
+    "TracInError",
+    "__version__",
+    "check_task",
+    "featurize",
+]

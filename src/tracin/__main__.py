@@ -1,0 +1,7 @@
+"""``python -m tracin``."""
+
+import sys
+
+from tracin._cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""Per-example gradients with torch.func: ``vmap(grad(f))`` over the examples of a batch.
+
+For each example x of a batch, g(x) = d f(w, x) / d w for the selected parameters w, flattened
+and concatenated in the model's parameter order: one row of the returned ``(B, P)`` matrix.
+Works for any `nn.Module` whose forward pass treats examples independently (eval mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from tracin._batch import Batch, batch_size, map_tensors
+from tracin._errors import TaskError
+
+__all__ = ["FunctionalEngine", "GradientEngine", "ScoreFn"]
+
+ScoreFn = Callable[[Callable[..., Any], Batch], torch.Tensor]
+"""A task method: ``(model, batch) -> (B,)`` per-example scores."""
+
+
+class GradientEngine(Protocol):
+    """Computes per-example gradients of a score for one checkpoint's weights."""
+
+    def gradients(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> torch.Tensor:
+        """Per-example gradients, shape ``(B, P)``, in the weights' dtype."""
+        ...
+
+
+def _flatten(batch: Batch) -> tuple[list[torch.Tensor], Callable[[Sequence[torch.Tensor]], Batch]]:
+    leaves: list[torch.Tensor] = []
+    map_tensors(leaves.append, batch)
+
+    def rebuild(new: Sequence[torch.Tensor]) -> Batch:
+        it = iter(new)
+        return map_tensors(lambda _: next(it), batch)
+
+    return leaves, rebuild
+
+
+class FunctionalEngine:
+    """Exact per-example gradients of any module via ``functional_call`` + ``vmap`` + ``grad``.
+
+    Args:
+        model: the network (left unmodified; put in eval mode by the caller).
+        names: parameter names to differentiate (see `select_parameters`).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.model = model
+        self.names = tuple(names)
+
+    def functional(self, weights: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+        """The model as a plain callable that runs with ``weights``."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.model, dict(weights), args, kwargs)
+
+        return call
+
+    def gradients(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> torch.Tensor:
+        """Per-example gradients of ``score``, shape ``(B, P)``."""
+        params = {n: weights[n] for n in self.names}
+        frozen = {n: w for n, w in weights.items() if n not in params}
+        leaves, rebuild = _flatten(batch)
+        n = batch_size(batch)
+
+        def one(p: dict[str, torch.Tensor], *row: torch.Tensor) -> torch.Tensor:
+            single = rebuild([t.unsqueeze(0) for t in row])
+            model = self.functional({**frozen, **p})
+            out = score(model, single)
+            if out.shape != (1,):
+                raise TaskError(
+                    f"score returned shape {tuple(out.shape)} for a batch of one example; "
+                    "expected (1,): return one unreduced value per example"
+                )
+            return out[0]
+
+        grads = vmap(grad(one), in_dims=(None, *([0] * len(leaves))))(params, *leaves)
+        return torch.cat([grads[name].reshape(n, -1) for name in self.names], dim=1)

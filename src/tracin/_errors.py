@@ -1,0 +1,35 @@
+"""Typed errors. Every error tracin raises for bad input is a `TracInError`.
+
+Messages name the offending value, what was expected, and how to fix it. The CLI turns any
+`TracInError` into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "TaskError",
+    "TracInError",
+]
+
+
+class TracInError(Exception):
+    """Base class of every error tracin raises on bad input or state."""
+
+
+class ConfigError(TracInError, ValueError):
+    """An argument or configuration value is invalid."""
+
+
+class CheckpointError(TracInError):
+    """A checkpoint cannot be read, lacks a learning rate, or does not fit the model."""
+
+
+class TaskError(TracInError):
+    """A `Task` broke its contract (wrong shape, mean-reduced loss, missing batch key)."""
+
+
+class DataError(TracInError):
+    """The training or query data is unusable (empty, shuffled, non-finite gradients)."""
