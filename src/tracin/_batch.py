@@ -137,7 +137,8 @@ def iter_batches(data: Data | Batch, batch_size_: int) -> Iterator[Batch]:
 
     Args:
         data: a Dataset, an unshuffled DataLoader, or a single batch.
-        batch_size_: rows per batch for a Dataset or an in-memory batch (a DataLoader keeps its own).
+        batch_size_: rows per batch for a Dataset or an in-memory batch (a DataLoader keeps
+            its own).
     """
     if isinstance(data, Dataset | DataLoader):
         yield from _loader(data, batch_size_)

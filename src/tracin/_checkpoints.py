@@ -41,14 +41,19 @@ def _load_file(path: Path, allow_pickle: bool) -> Any:
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds objects other than tensors and plain containers, "
             "which tracin refuses to unpickle (torch.load weights_only=True); if you trust the "
-            f"file, pass allow_pickle=True. Detail: {str(exc).splitlines()[0]}"
+            f"file, pass allow_pickle=True. {_unpickle_detail(exc)}"
         ) from exc
     except (OSError, RuntimeError, EOFError) as exc:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
 
 
+def _unpickle_detail(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln]
+    return f"Detail: {lines[0]}" if lines else ""
+
+
 def _lookup(payload: Any, key: str) -> Any:
-    """``payload[key]`` with dotted paths into nested dicts/lists ('optimizer.param_groups.0.lr')."""
+    """``payload[key]``; dotted keys walk nested dicts/lists ('optimizer.param_groups.0.lr')."""
     node = payload
     for part in key.split("."):
         if isinstance(node, Mapping) and part in node:
@@ -176,8 +181,9 @@ def _build(
     out = []
     for i, src in enumerate(sources):
         path = src if isinstance(src, Path) else None
+        state = None if isinstance(src, Path) else src
         needs_file = isinstance(lr, str) or isinstance(steps, str) or steps is None
-        payload = _load_file(src, allow_pickle) if path is not None and needs_file else src
+        payload = _load_file(src, allow_pickle) if isinstance(src, Path) and needs_file else src
         where = repr(str(path) if path is not None else ids[i])
         if steps is None:
             has = isinstance(payload, Mapping) and isinstance(payload.get("step"), int)
@@ -196,7 +202,7 @@ def _build(
                 path=path,
                 state_key=state_key,
                 allow_pickle=allow_pickle,
-                state=None if path is not None else src,
+                state=state,
             )
         )
     return out

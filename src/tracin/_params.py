@@ -55,7 +55,9 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | None) -> list[st
     return chosen
 
 
-def _strip_prefix(state: Mapping[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+def _strip_prefix(
+    state: Mapping[str, torch.Tensor], model_keys: set[str]
+) -> dict[str, torch.Tensor]:
     out = dict(state)
     for prefix in _PREFIXES:
         if out and all(k.startswith(prefix) for k in out) and not (set(out) & model_keys):

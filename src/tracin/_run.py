@@ -107,9 +107,7 @@ class Run:
             if self._progress is not None:
                 self._progress(stage, start, None)
 
-    def _train_grads(
-        self, weights: dict[str, torch.Tensor]
-    ) -> Iterator[tuple[int, torch.Tensor]]:
+    def _train_grads(self, weights: dict[str, torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
         end = 0
         for start, grads in self._grads(weights, self.task.train_loss, self.train_data, "train"):
             end = start + grads.shape[0]
@@ -136,8 +134,9 @@ class Run:
     # --- scores ---------------------------------------------------------------------------
     def self_influence_by_checkpoint(self) -> np.ndarray:
         """Exact ``||g_c(z)||^2`` per checkpoint, without learning rates, shape ``(C, N)``."""
-        assert self._sqnorms is not None, "Run objects come from tracin.featurize"
-        return self._sqnorms.copy()
+        if self._sqnorms is None:
+            raise ConfigError("this Run was not featurized; make runs with tracin.featurize")
+        return np.array(self._sqnorms, dtype=np.float64, copy=True)
 
     def self_influence(self) -> np.ndarray:
         """``sum_c lr_c ||g_c(z)||^2`` for every training row, shape ``(N,)``."""
@@ -160,7 +159,9 @@ class Run:
         def terms() -> Iterator[tuple[float, np.ndarray]]:
             for checkpoint in self.checkpoints:
                 weights = self._weights(checkpoint)
-                q = torch.cat([g for _, g in self._grads(weights, qtask.query_score, query, "query")])
+                q = torch.cat(
+                    [g for _, g in self._grads(weights, qtask.query_score, query, "query")]
+                )
                 out = np.empty((q.shape[0], self.n_train), dtype=np.float64)
                 for start, grads in self._train_grads(weights):
                     block = q @ grads.T

@@ -44,7 +44,9 @@ def lr_weighted_sum(terms: Iterable[tuple[float, np.ndarray]]) -> np.ndarray:
         if total is None:
             total = weighted
         elif total.shape != weighted.shape:
-            raise ConfigError(f"checkpoint terms differ in shape: {total.shape} vs {weighted.shape}")
+            raise ConfigError(
+                f"checkpoint terms differ in shape: {total.shape} vs {weighted.shape}"
+            )
         else:
             total += weighted
     if total is None:

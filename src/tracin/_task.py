@@ -100,7 +100,9 @@ class _SupervisedTask(Task):
             out = model(**{k: v for k, v in batch.items() if k != key})
         else:
             key = self._labels_key(batch)
-            idx = key % len(batch) if isinstance(key, int) else key
+            # an unlabelled tuple batch (x,) has no label at index 1: pass everything
+            in_range = isinstance(key, int) and -len(batch) <= key < len(batch)
+            idx = key % len(batch) if in_range and isinstance(key, int) else None
             out = model(*[v for i, v in enumerate(batch) if i != idx])
         if self.output is not None:
             out = select(out, self.output, "output")
