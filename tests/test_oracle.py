@@ -190,3 +190,17 @@ def test_float32_model_scores_accumulate_in_float64(mlp_setup):
     g = brute_force_grads(model32, states32[0], ce, rows_of((train32[0].double(), train[1])))
     assert run.self_influence().dtype == np.float64
     np.testing.assert_allclose(run.self_influence_by_checkpoint()[0], (g**2).sum(1), rtol=1e-4)
+
+
+def test_subset_dataset_and_drop_last(mlp_setup):
+    model, train, query, states = mlp_setup
+    subset = torch.utils.data.Subset(TensorDataset(*train), range(6))
+    run = tracin.featurize(model, tracin.ClassificationTask(), checkpoints(states), subset)
+    full = tracin.featurize(
+        model, tracin.ClassificationTask(), checkpoints(states), TensorDataset(*train)
+    )
+    assert run.n_train == 6
+    np.testing.assert_allclose(run.influence(query), full.influence(query)[:, :6], rtol=1e-12)
+    loader = DataLoader(TensorDataset(*train), batch_size=4, drop_last=True)
+    with pytest.raises(tracin.DataError, match="drop_last=False"):
+        tracin.featurize(model, tracin.ClassificationTask(), checkpoints(states), loader)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from tracin._batch import Batch, Data, batch_size, iter_batches, map_tensors
 from tracin._checkpoints import Checkpoint, Checkpoints
@@ -248,7 +249,16 @@ def featurize(
 
 
 def _count_rows(data: Data, size: int) -> int:
+    if isinstance(data, DataLoader):
+        if data.drop_last:
+            raise DataError(
+                "the DataLoader has drop_last=True, so some training rows would never be scored; "
+                "use drop_last=False"
+            )
+        source: Any = data.dataset
+    else:
+        source = data
     try:
-        return len(data.dataset) if hasattr(data, "dataset") else len(data)  # type: ignore[arg-type]
-    except TypeError:
+        return len(source)
+    except TypeError:  # an iterable dataset: count what it yields
         return sum(batch_size(b) for b in iter_batches(data, size))

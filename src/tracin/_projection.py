@@ -1,0 +1,169 @@
+"""Random projection of gradients (TracIn-RP), seeded and generated blockwise.
+
+A projector maps a ``(B, P)`` gradient block to ``(B, k)`` features: ``f = g P`` with ``P`` a
+``(P, k)`` matrix of i.i.d. entries of variance ``1/k`` (Gaussian, or Rademacher ``+-1/sqrt(k)``),
+so ``E[<f, f'>] = <g, g'>`` (Johnson-Lindenstrauss). ``P`` is never held whole: it is cut into
+row blocks per parameter tensor ("layer") and each block is generated from its own seed,
+``SeedSequence([seed, checkpoint, layer, block])``, so the same seed always gives the same matrix
+whatever the batch size or process. Blocks are cached while they fit ``cache_bytes``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from tracin._errors import ConfigError
+
+__all__ = [
+    "DenseProjector",
+    "IdentityProjector",
+    "ProjectionConfig",
+    "Projector",
+    "checkpoint_key",
+    "make_projector",
+]
+
+Kind = Literal["identity", "gaussian", "rademacher"]
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """How features are made from gradients.
+
+    Attributes:
+        kind: ``"identity"`` (exact, no projection), ``"gaussian"`` or ``"rademacher"``.
+        dim: projected dimension ``k`` (``None`` for identity).
+        seed: base seed of every projection matrix.
+    """
+
+    kind: Kind = "identity"
+    dim: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("identity", "gaussian", "rademacher"):
+            raise ConfigError(
+                f"projection kind {self.kind!r}; expected 'identity', 'gaussian' or 'rademacher'"
+            )
+        if self.kind == "identity" and self.dim is not None:
+            raise ConfigError(f"proj_dim={self.dim} needs projection 'gaussian' or 'rademacher'")
+        if self.kind != "identity" and (
+            isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1
+        ):
+            raise ConfigError(f"proj_dim={self.dim!r} must be a positive integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed={self.seed!r} must be a non-negative integer")
+
+
+class Projector(Protocol):
+    """Maps per-example gradients of one checkpoint to features."""
+
+    def dim(self, n_params: int) -> int:
+        """Feature dimension for gradients of ``n_params`` entries."""
+        ...
+
+    def project(self, grads: torch.Tensor, checkpoint: int) -> torch.Tensor:
+        """``(B, P)`` gradients -> ``(B, dim)`` features, in the gradients' dtype."""
+        ...
+
+
+class IdentityProjector:
+    """Exact features: the gradients themselves."""
+
+    def dim(self, n_params: int) -> int:
+        """``n_params``: no reduction."""
+        return n_params
+
+    def project(self, grads: torch.Tensor, checkpoint: int) -> torch.Tensor:
+        """Return ``grads`` unchanged."""
+        return grads
+
+
+def checkpoint_key(checkpoint_id: str) -> int:
+    """A stable integer for a checkpoint id, used in projection seeds."""
+    return int.from_bytes(hashlib.sha256(checkpoint_id.encode()).digest()[:4], "little")
+
+
+class DenseProjector:
+    """Seeded dense projection, generated in row blocks per parameter tensor.
+
+    Args:
+        sizes: number of entries of each selected parameter tensor, in feature order.
+        config: kind, dim and seed.
+        block_rows: rows of ``P`` generated per seed.
+        cache_bytes: keep generated blocks of the current checkpoint up to this size; beyond
+            it they are regenerated for every batch (slow: use per-layer projection for big models).
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        config: ProjectionConfig,
+        block_rows: int = 16384,
+        cache_bytes: int = 1 << 30,
+    ) -> None:
+        if config.dim is None or config.kind == "identity":
+            raise ConfigError("DenseProjector needs kind 'gaussian' or 'rademacher' and a dim")
+        self.sizes = tuple(int(s) for s in sizes)
+        self.config = config
+        self.k = config.dim
+        self.block_rows = block_rows
+        self.cache_bytes = cache_bytes
+        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._cached_ckpt: int | None = None
+
+    def dim(self, n_params: int) -> int:
+        """The projected dimension ``k``."""
+        return self.k
+
+    def matrix_block(self, checkpoint: int, layer: int, block: int, rows: int) -> torch.Tensor:
+        """Rows ``block * block_rows ...`` of layer ``layer``'s part of ``P``, float32."""
+        state = np.random.SeedSequence([self.config.seed, checkpoint, layer, block])
+        gen = torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1))
+        scale = 1.0 / float(np.sqrt(self.k))
+        if self.config.kind == "gaussian":
+            return torch.randn(rows, self.k, generator=gen) * scale
+        signs = torch.randint(0, 2, (rows, self.k), generator=gen, dtype=torch.int8)
+        return (signs.float() * 2 - 1) * scale
+
+    def _block(self, checkpoint: int, layer: int, block: int, rows: int) -> torch.Tensor:
+        if self._cached_ckpt != checkpoint:
+            self._cache.clear()
+            self._cached_ckpt = checkpoint
+        key = (checkpoint, layer, block)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        mat = self.matrix_block(checkpoint, layer, block, rows)
+        if (len(self._cache) + 1) * self.block_rows * self.k * 4 <= self.cache_bytes:
+            self._cache[key] = mat
+        return mat
+
+    def project(self, grads: torch.Tensor, checkpoint: int) -> torch.Tensor:
+        """``grads @ P`` for this checkpoint, ``(B, P) -> (B, k)``."""
+        if grads.shape[1] != sum(self.sizes):
+            raise ConfigError(
+                f"gradients have {grads.shape[1]} columns, the projector expects {sum(self.sizes)}"
+            )
+        out = torch.zeros(grads.shape[0], self.k, dtype=grads.dtype, device=grads.device)
+        offset = 0
+        for layer, size in enumerate(self.sizes):
+            for block, start in enumerate(range(0, size, self.block_rows)):
+                rows = min(self.block_rows, size - start)
+                mat = self._block(checkpoint, layer, block, rows).to(grads.device, grads.dtype)
+                out += grads[:, offset + start : offset + start + rows] @ mat
+            offset += size
+        return out
+
+
+def make_projector(config: ProjectionConfig, sizes: Sequence[int]) -> Projector:
+    """The projector a configuration names."""
+    if config.kind == "identity":
+        return IdentityProjector()
+    return DenseProjector(sizes, config)
