@@ -12,10 +12,12 @@ gradient of the per-example loss (or of a prediction score, for unlabelled queri
     run.proponents(query_batch, k=10) # Neighbors(indices, scores), each (Q, k)
 """
 
+from tracin._api import featurize, open
 from tracin._checkpoints import Checkpoint, Checkpoints
 from tracin._errors import CheckpointError, ConfigError, DataError, TaskError, TracInError
-from tracin._run import Run, featurize
+from tracin._run import Run
 from tracin._scoring import Neighbors
+from tracin._store import StoreError
 from tracin._task import ClassificationTask, RegressionTask, Task, check_task
 
 __version__ = "0.1.0"
@@ -30,10 +32,12 @@ __all__ = [
     "Neighbors",
     "RegressionTask",
     "Run",
+    "StoreError",
     "Task",
     "TaskError",
     "TracInError",
     "__version__",
     "check_task",
     "featurize",
+    "open",
 ]

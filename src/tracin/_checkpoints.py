@@ -8,6 +8,7 @@ weights (`Checkpoint.state_dict`) is separate from the lr lookup, and always use
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pickle
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -123,6 +124,20 @@ class Checkpoint:
         if self.path is not None:
             return _load_file(self.path, self.allow_pickle)
         return self.state
+
+    def sha256(self) -> str:
+        """sha256 of the checkpoint file's bytes, or of the in-memory tensors."""
+        digest = hashlib.sha256()
+        if self.path is not None:
+            with self.path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(chunk)
+        else:
+            for key, value in sorted(self.state_dict().items()):
+                digest.update(key.encode())
+                raw = value.detach().cpu().contiguous().view(-1).view(torch.uint8)
+                digest.update(raw.numpy().tobytes())
+        return digest.hexdigest()
 
     def state_dict(self) -> StateDict:
         """The model's state dict (parameters and buffers) stored in this checkpoint."""

@@ -1,264 +1,276 @@
-"""`featurize` and `Run`: TracInCP scores for a model, a task, checkpoints and training data.
+"""`Run`: TracInCP scores over the training rows of one featurized model.
 
-Exact mode (no projection, no store): featurize makes one pass over the training data per
-checkpoint and keeps the exact squared gradient norms ``||g_c(z)||^2`` (self-influence needs
-nothing else). Each query pass (`Run.influence`, `Run.proponents`, `Run.opponents`) loads each
-checkpoint once, takes the query gradients, then streams the training gradients batch by batch:
-memory is ``O(Q x P + B x P + Q x N)``, never ``N x N`` or ``N x P``.
+Two modes share one interface:
+
+- streaming (``store=None``, no projection): featurize keeps only the exact squared norms;
+  each query pass loads every checkpoint once and streams exact training gradients, in memory
+  ``O(Q x P + B x P + Q x N)``;
+- stored (a store directory, or any projection): features were written by featurize; query
+  passes read them block by block (memory ``O(Q x block_rows)``), without the model for splits
+  that were stored.
+
+Learning rates enter only through `lr_weighted_sum`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from tracin._batch import Batch, Data, batch_size, iter_batches, map_tensors
-from tracin._checkpoints import Checkpoint, Checkpoints
-from tracin._engine import FunctionalEngine, ScoreFn
-from tracin._errors import ConfigError, DataError
-from tracin._params import eval_mode, fit_state, select_parameters
-from tracin._scoring import Neighbors, lr_weighted_sum, top_k
-from tracin._task import Task, check_task
+from tracin._batch import Batch, Data
+from tracin._checkpoints import Checkpoints
+from tracin._errors import ConfigError
+from tracin._featurize import GradientSource, RunConfig
+from tracin._params import eval_mode
+from tracin._scoring import Neighbors, fold, lr_weighted_sum, merge_top_k, top_k
+from tracin._store import FeatureStore, StoreError
+from tracin._task import Task
 
-__all__ = ["Progress", "Run", "featurize"]
+__all__ = ["Run"]
 
-Progress = Callable[[str, int, int | None], None]
-"""``progress(stage, rows_done, total_rows)``: called as work advances (the CLI draws bars)."""
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """What a run computed, and how.
-
-    Attributes:
-        parameters: names of the differentiated parameters, in model order.
-        batch_size: rows per gradient batch.
-        n_train: number of training rows.
-    """
-
-    parameters: tuple[str, ...]
-    batch_size: int
-    n_train: int
-
-
-def _device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
+Query = "Data | Batch | str"
 
 
 class Run:
-    """Scores for one model, task, checkpoints and training set. Made by `featurize`.
+    """Scores for one model, task, checkpoints and training set.
 
-    Results are NumPy arrays in float64; row/column ``j`` is training example ``j``.
+    Made by `tracin.featurize` or `tracin.open`. Results are NumPy float64 arrays; column ``j``
+    is training row ``j``.
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        task: Task,
-        checkpoints: Checkpoints,
-        train_data: Data,
+        *,
         config: RunConfig,
-        progress: Progress | None,
+        ckpt_ids: tuple[str, ...],
+        lrs: tuple[float, ...],
+        n_train: int,
+        store: FeatureStore | None,
+        source: GradientSource | None = None,
+        task: Task | None = None,
+        checkpoints: Checkpoints | None = None,
+        train_data: Any = None,
+        sqnorms: np.ndarray | None = None,
     ) -> None:
-        self.model = model
+        self.config = config
+        self.ckpt_ids = ckpt_ids
+        self.lrs = lrs
+        self.n_train = n_train
+        self.store = store
         self.task = task
         self.checkpoints = checkpoints
-        self.train_data = train_data
-        self.config = config
-        self._engine = FunctionalEngine(model, config.parameters)
-        self._progress = progress
-        self._sqnorms: np.ndarray | None = None
+        self._source = source
+        self._train_data = train_data
+        self._sqnorms = sqnorms
 
     @property
-    def n_train(self) -> int:
-        """Number of training rows."""
-        return self.config.n_train
+    def model(self) -> nn.Module | None:
+        """The model, when the run has one (``tracin.open`` without a model has none)."""
+        return None if self._source is None else self._source.model
 
-    # --- passes over the data -------------------------------------------------------------
-    def _weights(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-        return fit_state(self.model, checkpoint.state_dict(), repr(checkpoint.id))
-
-    def _grads(
-        self, weights: dict[str, torch.Tensor], score: ScoreFn, data: Data | Batch, stage: str
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(start_row, (B, P) gradients)`` for each batch of ``data``."""
-        device = _device(self.model)
-        start = 0
-        for batch in iter_batches(data, self.config.batch_size):
-            batch = map_tensors(lambda t: t.to(device), batch)
-            grads = self._engine.gradients(weights, score, batch)
-            bad = ~torch.isfinite(grads).all(dim=1)
-            if bool(bad.any()):
-                rows = (torch.nonzero(bad).flatten() + start).tolist()
-                raise DataError(
-                    f"non-finite gradients for {stage} rows {rows[:10]}; check those examples "
-                    "(NaN/inf inputs or labels) or the checkpoint's weights"
-                )
-            yield start, grads
-            start += grads.shape[0]
-            if self._progress is not None:
-                self._progress(stage, start, None)
-
-    def _train_grads(self, weights: dict[str, torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
-        end = 0
-        for start, grads in self._grads(weights, self.task.train_loss, self.train_data, "train"):
-            end = start + grads.shape[0]
-            if end > self.n_train:
-                break
-            yield start, grads
-        if end != self.n_train:
-            raise DataError(
-                f"the training data now has {'more' if end > self.n_train else 'fewer'} rows than "
-                f"the {self.n_train} featurized; featurize again after changing the data"
-            )
-
-    def _featurize(self) -> None:
-        norms = []
-        for checkpoint in self.checkpoints:
-            weights = self._weights(checkpoint)
-            rows = [
-                grads.double().pow(2).sum(dim=1).cpu().numpy()
-                for _, grads in self._train_grads(weights)
-            ]
-            norms.append(np.concatenate(rows))
-        self._sqnorms = np.stack(norms)
-
-    # --- scores ---------------------------------------------------------------------------
+    # --- self-influence ---------------------------------------------------------------------
     def self_influence_by_checkpoint(self) -> np.ndarray:
         """Exact ``||g_c(z)||^2`` per checkpoint, without learning rates, shape ``(C, N)``."""
         if self._sqnorms is None:
-            raise ConfigError("this Run was not featurized; make runs with tracin.featurize")
+            assert self.store is not None
+            blocks = range(self._n_blocks())
+            self._sqnorms = np.stack(
+                [
+                    np.concatenate([self.store.read_block("train", c, k)[1] for k in blocks])
+                    for c in self.ckpt_ids
+                ]
+            )
         return np.array(self._sqnorms, dtype=np.float64, copy=True)
 
     def self_influence(self) -> np.ndarray:
-        """``sum_c lr_c ||g_c(z)||^2`` for every training row, shape ``(N,)``."""
-        sq = self.self_influence_by_checkpoint()
-        return lr_weighted_sum(zip(self.checkpoints.lrs, sq, strict=True))
+        """``sum_c lr_c ||g_c(z)||^2`` for every training row, exact, shape ``(N,)``."""
+        return lr_weighted_sum(zip(self.lrs, self.self_influence_by_checkpoint(), strict=True))
 
-    def influence(self, query: Data | Batch, *, query_task: Task | None = None) -> np.ndarray:
+    # --- influence ----------------------------------------------------------------------------
+    def _n_blocks(self) -> int:
+        return -(-self.n_train // self.config.block_rows)
+
+    def _need_source(self, what: str) -> GradientSource:
+        if self._source is None or self.checkpoints is None:
+            raise ConfigError(
+                f"{what} needs the model: reopen with tracin.open(path, model=..., task=..., "
+                "checkpoints=...) or query a stored split by name"
+            )
+        return self._source
+
+    def query_features(
+        self, query: Data | Batch | str, query_task: Task | None = None
+    ) -> list[torch.Tensor]:
+        """Query features per checkpoint, each ``(Q, dim)`` float32 (or the model's dtype)."""
+        if isinstance(query, str):
+            if self.store is None:
+                raise ConfigError(f"query split {query!r}: this run has no store")
+            return [self._stored_split(query, c) for c in self.ckpt_ids]
+        source = self._need_source("scoring a query batch")
+        qtask = _query_task(self.task, query_task)
+        assert self.checkpoints is not None
+        out = []
+        with eval_mode(source.model):
+            for checkpoint in self.checkpoints:
+                weights = source.weights(checkpoint)
+                feats, _ = source.features(weights, checkpoint, qtask.query_score, query, "query")
+                out.append(feats.detach())
+        return out
+
+    def _stored_split(self, split: str, ckpt_id: str) -> torch.Tensor:
+        assert self.store is not None
+        manifest = self.store.read_manifest() or {}
+        info = manifest.get("splits", {}).get(split)
+        if info is None:
+            raise StoreError(f"split {split!r} is not in the store; featurize it first")
+        blocks = -(-int(info["n_rows"]) // self.config.block_rows)
+        parts = [np.asarray(self.store.read_block(split, ckpt_id, k)[0]) for k in range(blocks)]
+        return torch.from_numpy(np.concatenate(parts))
+
+    def _score_blocks(self, q_feats: list[torch.Tensor]) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start_row, (Q, rows) scores)`` for each stored block of training rows.
+
+        Blocks are converted to float32 (float64 for a float64 store) before multiplying: a
+        float16 matrix multiply is far slower on CPUs, and scores accumulate in float32 or better.
+        """
+        assert self.store is not None
+        dtype = np.float64 if self.config.dtype == "float64" else np.float32
+        queries = [q.to(torch.float64 if dtype == np.float64 else torch.float32) for q in q_feats]
+        for k in range(self._n_blocks()):
+            terms = []
+            for lr, ckpt_id, q in zip(self.lrs, self.ckpt_ids, queries, strict=True):
+                block = self.store.read_block("train", ckpt_id, k)[0]
+                f = torch.from_numpy(np.array(block, dtype=dtype))
+                terms.append((lr, (q @ f.T).numpy()))
+            yield k * self.config.block_rows, lr_weighted_sum(terms)
+
+    def folded_queries(
+        self, query: Data | Batch | str, *, query_task: Task | None = None
+    ) -> np.ndarray:
+        """Query vectors ``u(q)`` ``(Q, C * dim)`` float32, with ``<u(q), u(z)>`` = score."""
+        feats = [q.detach().cpu().numpy() for q in self.query_features(query, query_task)]
+        return fold(self.lrs, feats)
+
+    def folded_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start_row, (rows, C * dim) float32)`` training vectors ``u(z)``, block by block."""
+        if self.store is None:
+            raise ConfigError(
+                "folded vectors need stored features: featurize with a store or proj_dim"
+            )
+        for k in range(self._n_blocks()):
+            feats = [self.store.read_block("train", c, k)[0] for c in self.ckpt_ids]
+            yield k * self.config.block_rows, fold(self.lrs, feats)
+
+    def _streamed(self, query: Data | Batch, query_task: Task | None) -> np.ndarray:
+        source = self._need_source("streaming mode")
+        qtask = _query_task(self.task, query_task)
+        assert self.checkpoints is not None and self.task is not None
+        task = self.task
+
+        def terms() -> Iterator[tuple[float, np.ndarray]]:
+            assert self.checkpoints is not None
+            for checkpoint in self.checkpoints:
+                weights = source.weights(checkpoint)
+                q, _ = source.features(weights, checkpoint, qtask.query_score, query, "query")
+                out = np.empty((q.shape[0], self.n_train), dtype=np.float64)
+                end = 0
+                for start, g in _train_batches(source, weights, task, self._train_data):
+                    end = start + g.shape[0]
+                    if end > self.n_train:
+                        break
+                    out[:, start:end] = (q @ g.T).double().cpu().numpy()
+                if end != self.n_train:
+                    raise _changed(end, self.n_train)
+                yield checkpoint.lr, out
+
+        with eval_mode(source.model):
+            return lr_weighted_sum(terms())
+
+    def influence(self, query: Data | Batch | str, *, query_task: Task | None = None) -> np.ndarray:
         """TracInCP score of every training row on every query, shape ``(Q, N)``.
 
         Args:
-            query: a batch (tensor, tuple or dict of tensors), a Dataset, or a DataLoader.
+            query: a batch (tensor, tuple or dict of tensors), a Dataset, a DataLoader, or the
+                name of a split stored with `featurize`'s ``queries``.
             query_task: task whose ``query_score`` is differentiated for the queries (default:
-                the run's task); e.g. ``ClassificationTask(query="prediction")`` for unlabelled
+                the run's task), e.g. ``ClassificationTask(query="prediction")`` for unlabelled
                 queries.
         """
-        qtask = self.task if query_task is None else query_task
-        if not isinstance(qtask, Task):
-            raise ConfigError(f"query_task is a {type(qtask).__name__}, not a tracin.Task")
+        if self.store is None:
+            if isinstance(query, str):
+                raise ConfigError(f"query split {query!r}: this run has no store")
+            return self._streamed(query, query_task)
+        q_feats = self.query_features(query, query_task)
+        out = np.empty((q_feats[0].shape[0], self.n_train), dtype=np.float64)
+        for start, scores in self._score_blocks(q_feats):
+            out[:, start : start + scores.shape[1]] = scores
+        return out
 
-        def terms() -> Iterator[tuple[float, np.ndarray]]:
-            for checkpoint in self.checkpoints:
-                weights = self._weights(checkpoint)
-                q = torch.cat(
-                    [g for _, g in self._grads(weights, qtask.query_score, query, "query")]
-                )
-                out = np.empty((q.shape[0], self.n_train), dtype=np.float64)
-                for start, grads in self._train_grads(weights):
-                    block = q @ grads.T
-                    out[:, start : start + grads.shape[0]] = block.double().cpu().numpy()
-                yield checkpoint.lr, out
-
-        with eval_mode(self.model):
-            return lr_weighted_sum(terms())
+    def neighbors(
+        self, query: Data | Batch | str, k: int = 10, *, query_task: Task | None = None
+    ) -> tuple[Neighbors, Neighbors]:
+        """Proponents and opponents from one pass: ``(proponents, opponents)``."""
+        _check_k(k, self.n_train)
+        if self.store is None:
+            scores = self.influence(query, query_task=query_task)
+            return top_k(scores, k, largest=True), top_k(scores, k, largest=False)
+        q_feats = self.query_features(query, query_task)
+        best: dict[bool, Neighbors] = {}
+        for start, scores in self._score_blocks(q_feats):
+            for largest in (True, False):
+                part = top_k(scores, min(k, scores.shape[1]), largest=largest)
+                part = Neighbors(part.indices + start, part.scores)
+                prev = best.get(largest)
+                best[largest] = part if prev is None else merge_top_k(prev, part, k, largest)
+        return best[True], best[False]
 
     def proponents(
-        self, query: Data | Batch, k: int = 10, *, query_task: Task | None = None
+        self, query: Data | Batch | str, k: int = 10, *, query_task: Task | None = None
     ) -> Neighbors:
         """The ``k`` training rows with the largest scores on each query (helped it most)."""
-        _check_k(k, self.n_train)
-        return top_k(self.influence(query, query_task=query_task), k, largest=True)
+        return self.neighbors(query, k, query_task=query_task)[0]
 
     def opponents(
-        self, query: Data | Batch, k: int = 10, *, query_task: Task | None = None
+        self, query: Data | Batch | str, k: int = 10, *, query_task: Task | None = None
     ) -> Neighbors:
         """The ``k`` training rows with the most negative scores on each query (hurt it most)."""
-        _check_k(k, self.n_train)
-        return top_k(self.influence(query, query_task=query_task), k, largest=False)
+        return self.neighbors(query, k, query_task=query_task)[1]
+
+
+def _query_task(task: Task | None, query_task: Task | None) -> Task:
+    qtask = task if query_task is None else query_task
+    if not isinstance(qtask, Task):
+        raise ConfigError(
+            f"query_task is a {type(qtask).__name__}, not a tracin.Task; pass query_task=..."
+        )
+    return qtask
+
+
+def _train_batches(
+    source: GradientSource, weights: dict[str, torch.Tensor], task: Task, data: Any
+) -> Iterator[tuple[int, torch.Tensor]]:
+    from tracin._batch import iter_batches
+
+    start = 0
+    for batch in iter_batches(data, source.batch_size):
+        g = source.grads(weights, task.train_loss, batch, start, "train")
+        yield start, g
+        start += g.shape[0]
+
+
+def _changed(end: int, n: int) -> Exception:
+    from tracin._errors import DataError
+
+    return DataError(
+        f"the training data now has {'more' if end > n else 'fewer'} rows than the {n} "
+        "featurized; featurize again after changing the data"
+    )
 
 
 def _check_k(k: Any, n: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ConfigError(f"k={k!r} must be an integer between 1 and the {n} training rows")
-
-
-def featurize(
-    model: nn.Module,
-    task: Task,
-    checkpoints: Checkpoints,
-    train_data: Data,
-    *,
-    store: str | Path | None = None,
-    layers: list[str] | tuple[str, ...] | None = None,
-    batch_size: int = 64,
-    progress: Progress | None = None,
-) -> Run:
-    """Take the training gradients at every checkpoint and return a `Run` to query.
-
-    Args:
-        model: the network, architecture only; weights come from each checkpoint. It is left
-            exactly as given (mode, parameters, buffers, ``requires_grad``).
-        task: per-example training loss and query score (`ClassificationTask`, ...).
-        checkpoints: the checkpoints with their learning rates.
-        train_data: a Dataset or an unshuffled DataLoader of training batches.
-        store: must be ``None`` in this version (scores are computed in memory).
-        layers: module or parameter names to differentiate; ``None`` = all trainable.
-        batch_size: rows per gradient batch (used for Datasets and in-memory query batches).
-        progress: optional callback ``(stage, rows_done, total)``.
-
-    Raises:
-        TracInError: for any bad input, with the value and the fix in the message.
-    """
-    if store is not None:
-        raise ConfigError(
-            f"store={str(store)!r}: this version computes in memory only; pass store=None"
-        )
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model is a {type(model).__name__}, not a torch.nn.Module")
-    if not isinstance(task, Task):
-        raise ConfigError(f"task is a {type(task).__name__}, not a tracin.Task")
-    if not isinstance(checkpoints, Checkpoints):
-        raise ConfigError(
-            f"checkpoints is a {type(checkpoints).__name__}; build it with "
-            "tracin.Checkpoints.from_paths(paths, lr=...) or from_state_dicts"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
-    names = tuple(select_parameters(model, layers))
-    with eval_mode(model):
-        weights = fit_state(model, checkpoints[0].state_dict(), repr(checkpoints[0].id))
-        first = next(iter(iter_batches(train_data, batch_size)), None)
-        if first is None:
-            raise DataError("the training data is empty; featurize needs at least one row")
-        first = map_tensors(lambda t: t.to(_device(model)), first)
-        check_task(task, FunctionalEngine(model, names).functional(weights), first, ("train_loss",))
-        n = _count_rows(train_data, batch_size)
-        run = Run(model, task, checkpoints, train_data, RunConfig(names, batch_size, n), progress)
-        run._featurize()
-    return run
-
-
-def _count_rows(data: Data, size: int) -> int:
-    if isinstance(data, DataLoader):
-        if data.drop_last:
-            raise DataError(
-                "the DataLoader has drop_last=True, so some training rows would never be scored; "
-                "use drop_last=False"
-            )
-        source: Any = data.dataset
-    else:
-        source = data
-    try:
-        return len(source)
-    except TypeError:  # an iterable dataset: count what it yields
-        return sum(batch_size(b) for b in iter_batches(data, size))

@@ -7,14 +7,14 @@ Proponents are the largest scores, opponents the most negative ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from tracin._errors import ConfigError
 
-__all__ = ["Neighbors", "lr_weighted_sum", "top_k"]
+__all__ = ["Neighbors", "fold", "lr_weighted_sum", "merge_top_k", "top_k"]
 
 
 class Neighbors(NamedTuple):
@@ -54,10 +54,32 @@ def lr_weighted_sum(terms: Iterable[tuple[float, np.ndarray]]) -> np.ndarray:
     return total
 
 
+def fold(lrs: Sequence[float], features: Sequence[np.ndarray]) -> np.ndarray:
+    """``u = concat_c sqrt(lr_c) f_c`` so that ``<u(z), u(z')> = sum_c lr_c <f_c(z), f_c(z')>``.
+
+    Args:
+        lrs: one learning rate per checkpoint.
+        features: per checkpoint, ``(rows, dim_c)`` arrays with the same rows.
+
+    Returns:
+        ``(rows, sum_c dim_c)`` float32: the vectors whose inner product is the TracIn score
+        (maximum-inner-product search over them retrieves proponents).
+    """
+    if len(lrs) != len(features):
+        raise ConfigError(f"{len(lrs)} learning rates for {len(features)} checkpoints")
+    return np.concatenate(
+        [
+            np.sqrt(float(lr)) * np.asarray(f, dtype=np.float32)
+            for lr, f in zip(lrs, features, strict=True)
+        ],
+        axis=1,
+    ).astype(np.float32, copy=False)
+
+
 def top_k(scores: np.ndarray, k: int, largest: bool = True) -> Neighbors:
     """The ``k`` largest (or smallest) entries of each row of ``scores`` ``(Q, N)``.
 
-    Ties are broken by the lower index, so results are deterministic.
+    Ties are broken by the lower index, so results are deterministic and equal to a stable sort.
 
     Raises:
         ConfigError: ``k`` is not in ``1..N``.
@@ -66,5 +88,26 @@ def top_k(scores: np.ndarray, k: int, largest: bool = True) -> Neighbors:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n:
         raise ConfigError(f"k={k!r} must be an integer between 1 and the {n} training rows")
     signed = -scores if largest else scores
-    indices = np.argsort(signed, axis=1, kind="stable")[:, :k].astype(np.int64)
+    if k == n:
+        indices = np.argsort(signed, axis=1, kind="stable")
+    else:
+        part = np.argpartition(signed, k - 1, axis=1)[:, :k]
+        kth = np.take_along_axis(signed, part, axis=1).max(axis=1, keepdims=True)
+        # rows where ties straddle the k-th value: fall back to a stable sort for exactness
+        tied = np.flatnonzero((signed <= kth).sum(axis=1) > k)
+        part[tied] = np.argsort(signed[tied], axis=1, kind="stable")[:, :k]
+        picked = np.take_along_axis(signed, part, axis=1)
+        order = np.lexsort((part, picked), axis=-1)
+        indices = np.take_along_axis(part, order, axis=1)
+    indices = indices.astype(np.int64)
     return Neighbors(indices, np.take_along_axis(scores, indices, axis=1).astype(np.float64))
+
+
+def merge_top_k(first: Neighbors, second: Neighbors, k: int, largest: bool = True) -> Neighbors:
+    """Best ``k`` of two candidate sets per query; on ties ``first`` (lower rows) wins."""
+    indices = np.concatenate([first.indices, second.indices], axis=1)
+    scores = np.concatenate([first.scores, second.scores], axis=1)
+    order = np.argsort(-scores if largest else scores, axis=1, kind="stable")[:, :k]
+    return Neighbors(
+        np.take_along_axis(indices, order, axis=1), np.take_along_axis(scores, order, axis=1)
+    )

@@ -1,0 +1,186 @@
+"""The feature store: per-(split, checkpoint) blocks of features and exact squared norms.
+
+Layout under the run directory::
+
+    manifest.json                                    config, checkpoints, splits (atomic rewrite)
+    features/<split>/ckpt_<id>/block_<k>.npy         (rows, dim) features, float32 or float16
+    features/<split>/ckpt_<id>/sqnorm_<k>.npy        (rows,) exact ||g||^2, float64
+    features/<split>/ckpt_<id>/block_<k>.json        rows and sha256 of both files, written last
+
+Every file is written to a temporary name, fsynced and renamed, and a block counts as present
+only once its ``.json`` exists, so a crash at any moment leaves complete blocks or none. Reads
+check each block against its sha256 once per process (cached by path, size and mtime); a
+mismatch raises `StoreError` naming the block, and the next featurize recomputes it.
+``root=None`` keeps everything in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tracin._errors import TracInError
+
+__all__ = ["SCHEMA_VERSION", "FeatureStore", "StoreError", "atomic_write"]
+
+SCHEMA_VERSION = 1
+
+
+class StoreError(TracInError):
+    """The store on disk is missing, corrupted, or was written with another configuration."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FeatureStore:
+    """Blocks of features on disk (or in memory), addressed by split, checkpoint id and block.
+
+    Args:
+        root: run directory, or ``None`` for an in-memory store.
+    """
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        self._memory: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._verified: set[tuple[str, int, int]] = set()
+
+    # --- manifest ---------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path | None:
+        """``<root>/manifest.json``, or ``None`` in memory."""
+        return None if self.root is None else self.root / "manifest.json"
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        """The manifest, or ``None`` if there is none yet."""
+        path = self.manifest_path
+        if path is None or not path.exists():
+            return None
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"cannot read {path}: {exc}; featurize again with overwrite=True"
+            ) from exc
+        return data
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Atomically replace the manifest."""
+        path = self.manifest_path
+        if path is not None:
+            atomic_write(path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+    # --- blocks -----------------------------------------------------------------------------
+    def _dir(self, split: str, ckpt_id: str) -> Path:
+        assert self.root is not None
+        return self.root / "features" / split / f"ckpt_{ckpt_id}"
+
+    def _paths(self, split: str, ckpt_id: str, block: int) -> tuple[Path, Path, Path]:
+        d = self._dir(split, ckpt_id)
+        return d / f"block_{block}.npy", d / f"sqnorm_{block}.npy", d / f"block_{block}.json"
+
+    def block_rows(self, split: str, ckpt_id: str, block: int) -> int | None:
+        """Rows of a complete block, or ``None`` if it is absent (or its metadata unreadable)."""
+        if self.root is None:
+            hit = self._memory.get((split, ckpt_id, block))
+            return None if hit is None else len(hit[1])
+        meta = self._paths(split, ckpt_id, block)[2]
+        try:
+            return int(json.loads(meta.read_text())["rows"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write_block(
+        self, split: str, ckpt_id: str, block: int, features: np.ndarray, sqnorm: np.ndarray
+    ) -> None:
+        """Store one block: features ``(rows, dim)`` and squared norms ``(rows,)``."""
+        if self.root is None:
+            self._memory[(split, ckpt_id, block)] = (features, sqnorm)
+            return
+        f_path, s_path, meta = self._paths(split, ckpt_id, block)
+        meta.unlink(missing_ok=True)  # the block is absent until its metadata is back
+        f_bytes, s_bytes = _npy_bytes(features), _npy_bytes(sqnorm.astype(np.float64))
+        atomic_write(f_path, f_bytes)
+        atomic_write(s_path, s_bytes)
+        info = {"rows": len(sqnorm), "features_sha256": _sha256(f_bytes),
+                "sqnorm_sha256": _sha256(s_bytes)}  # fmt: skip
+        atomic_write(meta, json.dumps(info).encode())
+
+    def _verify(self, path: Path, expected: str, what: str) -> None:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key in self._verified:
+            return
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != expected:
+            raise StoreError(
+                f"{what} {path} is corrupted or truncated (sha256 mismatch); run featurize again "
+                "on this store to recompute it"
+            )
+        self._verified.add(key)
+
+    def read_block(
+        self, split: str, ckpt_id: str, block: int, verify: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Features (memory-mapped) and squared norms of one block, checked against sha256."""
+        if self.root is None:
+            try:
+                return self._memory[(split, ckpt_id, block)]
+            except KeyError:
+                raise StoreError(f"block {block} of {split}/{ckpt_id} was never computed") from None
+        f_path, s_path, meta = self._paths(split, ckpt_id, block)
+        try:
+            info = json.loads(meta.read_text())
+            if verify:
+                self._verify(f_path, info["features_sha256"], "feature block")
+                self._verify(s_path, info["sqnorm_sha256"], "norm block")
+            features = np.load(f_path, mmap_mode="r", allow_pickle=False)
+            sqnorm = np.load(s_path, allow_pickle=False)
+        except (OSError, ValueError, KeyError) as exc:
+            raise StoreError(
+                f"block {block} of {split}/ckpt_{ckpt_id} in {self.root} is missing or unreadable "
+                f"({exc}); run featurize again on this store to recompute it"
+            ) from exc
+        return features, sqnorm
+
+    def is_valid(self, split: str, ckpt_id: str, block: int, rows: int) -> bool:
+        """True if the block is complete, has ``rows`` rows and passes its checksums."""
+        if self.block_rows(split, ckpt_id, block) != rows:
+            return False
+        try:
+            self.read_block(split, ckpt_id, block)
+        except StoreError:
+            return False
+        return True
