@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import checkpoints, train_states
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import tracin
+from conftest import checkpoints, train_states
 
 
 def featurize(setup, store, **kwargs):
-    model, train, query, states = setup
+    model, train, _, states = setup
     kwargs.setdefault("dtype", "float64")
     kwargs.setdefault("block_rows", 7)
     ckpts = kwargs.pop("ckpts", None) or checkpoints(states)
@@ -60,7 +60,9 @@ def test_open_without_model_scores_stored_splits(mlp_setup, tmp_path):
 
 def test_reopen_with_other_config_names_the_keys(mlp_setup, tmp_path):
     featurize(mlp_setup, tmp_path / "run", proj_dim=16, dtype="float32")
-    with pytest.raises(tracin.StoreError, match=r"config\.projection\.dim \(16 -> 32\).*overwrite=True"):
+    with pytest.raises(
+        tracin.StoreError, match=r"config\.projection\.dim \(16 -> 32\).*overwrite=True"
+    ):
         featurize(mlp_setup, tmp_path / "run", proj_dim=32, dtype="float32")
     run = featurize(mlp_setup, tmp_path / "run", proj_dim=32, dtype="float32", overwrite=True)
     assert run.config.projection.dim == 32

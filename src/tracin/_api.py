@@ -188,6 +188,7 @@ def featurize(
                        for name, (d, _) in splits.items()},
         }  # fmt: skip
         _reconcile(feature_store, manifest, overwrite)
+        feature_store.remove_temp_files()
         feature_store.write_manifest(manifest)
         for name, (data, score) in splits.items():
             n_rows = int(manifest["splits"][name]["n_rows"])

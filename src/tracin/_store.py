@@ -99,6 +99,18 @@ class FeatureStore:
         if path is not None:
             atomic_write(path, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
+    def remove_temp_files(self) -> int:
+        """Delete temporary files a killed writer left behind; returns how many.
+
+        Only safe while no other process writes to this store.
+        """
+        if self.root is None or not (self.root / "features").exists():
+            return 0
+        stale = list((self.root / "features").rglob(".*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
     # --- blocks -----------------------------------------------------------------------------
     def _dir(self, split: str, ckpt_id: str) -> Path:
         assert self.root is not None
