@@ -82,7 +82,9 @@ def test_self_influence_stays_exact_under_projection(mlp_setup):
 def test_bad_projection_configs():
     with pytest.raises(tracin.ConfigError, match="proj_dim=0 must be a positive integer"):
         ProjectionConfig("gaussian", 0)
-    with pytest.raises(tracin.ConfigError, match="needs projection 'gaussian' or 'rademacher'"):
+    with pytest.raises(
+        tracin.ConfigError, match="needs projection 'gaussian', 'rademacher' or 'kronecker'"
+    ):
         ProjectionConfig("identity", 16)
     with pytest.raises(tracin.ConfigError, match="'sparse'"):
         ProjectionConfig("sparse", 16)  # type: ignore[arg-type]

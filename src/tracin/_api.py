@@ -13,7 +13,7 @@ from torch import nn
 import tracin
 from tracin._batch import Batch, Data, iter_batches, map_tensors
 from tracin._checkpoints import Checkpoint, Checkpoints
-from tracin._engine import FunctionalEngine
+from tracin._engine import functional_model
 from tracin._errors import ConfigError, DataError
 from tracin._featurize import (
     GradientSource,
@@ -21,10 +21,11 @@ from tracin._featurize import (
     count_rows,
     data_fingerprint,
     device_of,
+    make_engine,
     model_fingerprint,
 )
 from tracin._params import eval_mode, select_parameters
-from tracin._projection import ProjectionConfig, make_projector
+from tracin._projection import ProjectionConfig
 from tracin._run import Run
 from tracin._store import SCHEMA_VERSION, FeatureStore, StoreError
 from tracin._task import Task, check_task
@@ -117,6 +118,7 @@ def featurize(
     dtype: str = "float32",
     batch_size: int = 64,
     block_rows: int = 4096,
+    engine: str = "auto",
     queries: Mapping[str, Data | Batch] | None = None,
     query_task: Task | None = None,
     overwrite: bool = False,
@@ -143,6 +145,8 @@ def featurize(
         dtype: stored feature dtype, ``"float32"``, ``"float16"`` or ``"float64"``.
         batch_size: rows per gradient batch.
         block_rows: rows per stored block (the unit of resume and of distributed work).
+        engine: ``"auto"``, ``"functional"`` (torch.func, any module) or ``"factored"`` (hooks
+            on Linear/Conv/Embedding; one batched backward, Kronecker projection).
         queries: named query datasets to featurize too (``run.influence("name")`` then needs
             no model).
         query_task: task whose query score is used for ``queries`` (default: ``task``).
@@ -158,10 +162,8 @@ def featurize(
     kind = projection or ("gaussian" if proj_dim is not None else "identity")
     proj = ProjectionConfig(kind, proj_dim, seed)  # type: ignore[arg-type]
     names = tuple(select_parameters(model, layers))
-    params = dict(model.named_parameters())
-    projector = make_projector(proj, [params[n].numel() for n in names])
-    config = RunConfig(names, proj, dtype, block_rows, batch_size)
-    source = GradientSource(model, FunctionalEngine(model, names), projector, batch_size)
+    config = RunConfig(names, proj, dtype, block_rows, batch_size, engine)
+    source = GradientSource(model, make_engine(model, config), batch_size)
     with eval_mode(model):
         n_train = _check_first_batch(source, task, checkpoints[0], train_data)
         common: dict[str, Any] = dict(
@@ -203,7 +205,7 @@ def _check_first_batch(
     if batch is None:
         raise DataError("the training data is empty; featurize needs at least one row")
     batch = map_tensors(lambda t: t.to(device_of(source.model)), batch)
-    model = source.engine.functional(source.weights(first_ckpt))
+    model = functional_model(source.model, source.weights(first_ckpt))
     check_task(task, model, batch, ("train_loss",))
     return count_rows(data, source.batch_size)
 
@@ -216,8 +218,10 @@ def _stream_sqnorms(
         weights = source.weights(checkpoint)
         rows, start = [], 0
         for batch in iter_batches(data, source.batch_size):
-            g = source.grads(weights, task.train_loss, batch, start, "train")
-            rows.append(g.double().pow(2).sum(dim=1).cpu().numpy())
+            g, sq = source.batch_features(
+                weights, task.train_loss, batch, checkpoint, start, "train"
+            )
+            rows.append(sq)
             start += g.shape[0]
             if progress is not None:
                 progress(f"train {checkpoint.id}", start, n)
@@ -233,6 +237,8 @@ def open(
     model: nn.Module | None = None,
     task: Task | None = None,
     checkpoints: Checkpoints | None = None,
+    batch_size: int = 64,
+    engine: str = "auto",
 ) -> Run:
     """Reopen a store written by `featurize`.
 
@@ -252,7 +258,8 @@ def open(
         )
     cfg = manifest["config"]
     proj = ProjectionConfig(**cfg["projection"])
-    config = RunConfig(tuple(cfg["parameters"]), proj, cfg["dtype"], cfg["block_rows"], 64)
+    config = RunConfig(tuple(cfg["parameters"]), proj, cfg["dtype"], cfg["block_rows"], batch_size,
+                       engine)  # fmt: skip
     entries = manifest["checkpoints"]
     source = None
     if model is not None:
@@ -265,10 +272,7 @@ def open(
                 Checkpoint(id=e["id"], step=e["step"], lr=e["lr"], path=Path(e["path"]))
                 for e in entries
             )
-        params = dict(model.named_parameters())
-        projector = make_projector(proj, [params[n].numel() for n in config.parameters])
-        engine = FunctionalEngine(model, config.parameters)
-        source = GradientSource(model, engine, projector, config.batch_size)
+        source = GradientSource(model, make_engine(model, config), config.batch_size)
     return Run(
         config=config, ckpt_ids=tuple(e["id"] for e in entries),
         lrs=tuple(float(e["lr"]) for e in entries), n_train=manifest["splits"]["train"]["n_rows"],

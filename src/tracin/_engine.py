@@ -17,7 +17,14 @@ from torch.func import functional_call, grad, vmap
 from tracin._batch import Batch, batch_size, map_tensors
 from tracin._errors import TaskError
 
-__all__ = ["FunctionalEngine", "GradientEngine", "ScoreFn"]
+__all__ = [
+    "FeatureEngine",
+    "FunctionalEngine",
+    "FunctionalFeatures",
+    "GradientEngine",
+    "ScoreFn",
+    "functional_model",
+]
 
 ScoreFn = Callable[[Callable[..., Any], Batch], torch.Tensor]
 """A task method: ``(model, batch) -> (B,)`` per-example scores."""
@@ -44,6 +51,15 @@ def _flatten(batch: Batch) -> tuple[list[torch.Tensor], Callable[[Sequence[torch
     return leaves, rebuild
 
 
+def functional_model(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+    """``model`` as a plain callable that runs with ``weights`` (the module is not modified)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return functional_call(model, dict(weights), args, kwargs)
+
+    return call
+
+
 class FunctionalEngine:
     """Exact per-example gradients of any module via ``functional_call`` + ``vmap`` + ``grad``.
 
@@ -56,14 +72,6 @@ class FunctionalEngine:
         self.model = model
         self.names = tuple(names)
 
-    def functional(self, weights: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
-        """The model as a plain callable that runs with ``weights``."""
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.model, dict(weights), args, kwargs)
-
-        return call
-
     def gradients(
         self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
     ) -> torch.Tensor:
@@ -75,7 +83,7 @@ class FunctionalEngine:
 
         def one(p: dict[str, torch.Tensor], *row: torch.Tensor) -> torch.Tensor:
             single = rebuild([t.unsqueeze(0) for t in row])
-            model = self.functional({**frozen, **p})
+            model = functional_model(self.model, {**frozen, **p})
             out = score(model, single)
             if out.shape != (1,):
                 raise TaskError(
@@ -86,3 +94,37 @@ class FunctionalEngine:
 
         grads = vmap(grad(one), in_dims=(None, *([0] * len(leaves))))(params, *leaves)
         return torch.cat([grads[name].reshape(n, -1) for name in self.names], dim=1)
+
+
+class FeatureEngine(Protocol):
+    """Computes per-example features and exact squared gradient norms for one checkpoint."""
+
+    def dim(self) -> int:
+        """Feature dimension."""
+        ...
+
+    def features(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch, checkpoint: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features ``(B, dim)`` and float64 squared gradient norms ``(B,)``."""
+        ...
+
+
+class FunctionalFeatures:
+    """`FunctionalEngine` gradients followed by a `Projector`."""
+
+    def __init__(self, engine: FunctionalEngine, projector: Any, n_params: int) -> None:
+        self.engine = engine
+        self.projector = projector
+        self.n_params = n_params
+
+    def dim(self) -> int:
+        """Feature dimension."""
+        return int(self.projector.dim(self.n_params))
+
+    def features(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch, checkpoint: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected gradients and their exact squared norms."""
+        g = self.engine.gradients(weights, score, batch)
+        return self.projector.project(g, checkpoint), g.double().pow(2).sum(dim=1)

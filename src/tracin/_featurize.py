@@ -19,10 +19,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from tracin._batch import Batch, Data, batch_size, iter_batches, map_tensors, slice_batch
 from tracin._checkpoints import Checkpoint, Checkpoints
-from tracin._engine import FunctionalEngine, ScoreFn
-from tracin._errors import DataError
+from tracin._engine import FeatureEngine, FunctionalEngine, FunctionalFeatures, ScoreFn
+from tracin._errors import ConfigError, DataError
+from tracin._hooks import FactoredEngine, supported_layers
 from tracin._params import fit_state
-from tracin._projection import ProjectionConfig, Projector, checkpoint_key
+from tracin._projection import ProjectionConfig, Projector, checkpoint_key, make_projector
 from tracin._store import FeatureStore
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "count_rows",
     "data_fingerprint",
     "device_of",
+    "make_engine",
     "model_fingerprint",
 ]
 
@@ -45,6 +47,7 @@ class RunConfig:
         dtype: feature dtype on disk, ``"float32"`` or ``"float16"``.
         block_rows: rows per stored block.
         batch_size: rows per gradient batch.
+        engine: ``"functional"`` (torch.func), ``"factored"`` (layer hooks) or ``"auto"``.
     """
 
     parameters: tuple[str, ...]
@@ -52,13 +55,65 @@ class RunConfig:
     dtype: str
     block_rows: int
     batch_size: int
+    engine: str = "auto"
 
     def to_json(self) -> dict[str, Any]:
         """The comparable part of the configuration (batch size does not change results)."""
         out = asdict(self)
         out["parameters"] = list(self.parameters)
-        del out["batch_size"]
+        del out["batch_size"], out["engine"]
         return out
+
+
+def make_engine(model: nn.Module, config: RunConfig) -> FeatureEngine:
+    """The feature engine a configuration asks for.
+
+    ``auto`` takes the factored (hook) engine when every selected parameter sits in a
+    Linear/Conv/Embedding layer and the projection is identity or Kronecker, else torch.func.
+    """
+    names, proj = config.parameters, config.projection
+    if config.engine not in ("auto", "functional", "factored"):
+        raise ConfigError(f"engine={config.engine!r}; expected 'auto', 'functional' or 'factored'")
+    _, rest = supported_layers(model, names)
+    factored = config.engine == "factored" or (
+        config.engine == "auto" and not rest and proj.kind in ("identity", "kronecker")
+    )
+    if proj.kind == "kronecker" and not factored:
+        raise ConfigError("projection='kronecker' needs engine='factored' (or 'auto')")
+    if factored:
+        engine = FactoredEngine(model, names, proj if proj.kind == "kronecker" else _IDENTITY)
+        if proj.kind in ("identity", "kronecker"):
+            return engine
+        return _Projected(engine, make_projector(proj, _sizes(model, names)))
+    sizes = _sizes(model, names)
+    return FunctionalFeatures(
+        FunctionalEngine(model, names), make_projector(proj, sizes), sum(sizes)
+    )
+
+
+_IDENTITY = ProjectionConfig()
+
+
+def _sizes(model: nn.Module, names: tuple[str, ...]) -> list[int]:
+    params = dict(model.named_parameters())
+    return [params[n].numel() for n in names]
+
+
+class _Projected:
+    """Exact features of another engine, densely projected."""
+
+    def __init__(self, engine: FeatureEngine, projector: Projector) -> None:
+        self.engine = engine
+        self.projector = projector
+
+    def dim(self) -> int:
+        return int(self.projector.dim(self.engine.dim()))
+
+    def features(
+        self, weights: Any, score: ScoreFn, batch: Batch, checkpoint: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        g, sq = self.engine.features(weights, score, batch, checkpoint)
+        return self.projector.project(g, checkpoint), sq
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -103,41 +158,44 @@ def count_rows(data: Data | Batch, size: int) -> int:
 
 
 class GradientSource:
-    """Per-example gradients and features of a model at its checkpoints.
+    """Per-example features of a model at its checkpoints.
 
     Args:
         model: the network (eval mode is the caller's business).
-        engine: computes ``(B, P)`` gradients.
-        projector: maps gradients to features.
+        engine: computes features and exact squared norms per batch.
         batch_size: rows per gradient batch.
     """
 
-    def __init__(
-        self, model: nn.Module, engine: FunctionalEngine, projector: Projector, batch_size: int
-    ) -> None:
+    def __init__(self, model: nn.Module, engine: FeatureEngine, batch_size: int) -> None:
         self.model = model
         self.engine = engine
-        self.projector = projector
         self.batch_size = batch_size
 
     def weights(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors, fitted to the model."""
         return fit_state(self.model, checkpoint.state_dict(), repr(checkpoint.id))
 
-    def grads(
-        self, weights: dict[str, torch.Tensor], score: ScoreFn, batch: Batch, start: int, stage: str
-    ) -> torch.Tensor:
-        """``(B, P)`` gradients of one batch; non-finite rows are an error naming them."""
+    def batch_features(
+        self,
+        weights: dict[str, torch.Tensor],
+        score: ScoreFn,
+        batch: Batch,
+        checkpoint: Checkpoint,
+        start: int,
+        stage: str,
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Features ``(B, dim)`` and squared norms of one batch; non-finite rows are an error."""
         batch = map_tensors(lambda t: t.to(device_of(self.model)), batch)
-        grads = self.engine.gradients(weights, score, batch)
-        bad = ~torch.isfinite(grads).all(dim=1)
+        feats, sq = self.engine.features(weights, score, batch, checkpoint_key(checkpoint.id))
+        bad = ~(torch.isfinite(feats).all(dim=1) & torch.isfinite(sq))
         if bool(bad.any()):
             rows = (torch.nonzero(bad).flatten() + start).tolist()
             raise DataError(
-                f"non-finite gradients for {stage} rows {rows[:10]}; check those examples "
-                "(NaN/inf inputs or labels) or the checkpoint's weights"
+                f"non-finite gradients for {stage} rows {rows[:10]} at checkpoint "
+                f"{checkpoint.id!r}; check those examples (NaN/inf inputs or labels) or the "
+                "checkpoint's weights"
             )
-        return grads
+        return feats.detach(), sq.detach().cpu().numpy()
 
     def features(
         self,
@@ -150,10 +208,10 @@ class GradientSource:
         """Features ``(Q, dim)`` and exact squared norms ``(Q,)`` of every row of ``data``."""
         feats, norms, start = [], [], 0
         for batch in iter_batches(data, self.batch_size):
-            g = self.grads(weights, score, batch, start, stage)
-            feats.append(self.projector.project(g, checkpoint_key(checkpoint.id)))
-            norms.append(g.double().pow(2).sum(dim=1).cpu().numpy())
-            start += g.shape[0]
+            f, sq = self.batch_features(weights, score, batch, checkpoint, start, stage)
+            feats.append(f)
+            norms.append(sq)
+            start += f.shape[0]
         if not feats:
             raise DataError(f"the {stage} data is empty")
         return torch.cat(feats), np.concatenate(norms)
@@ -181,17 +239,14 @@ class GradientSource:
             if not todo:
                 continue
             weights = self.weights(checkpoint)
-            key = checkpoint_key(checkpoint.id)
             for k, pieces in _block_pieces(data, todo, config.block_rows, n_rows, self.batch_size):
                 feats, norms = [], []
                 start = k * config.block_rows
                 for piece in pieces:
-                    g = self.grads(weights, score, piece, start, split)
-                    feats.append(
-                        self.projector.project(g, key).detach().cpu().numpy().astype(dtype)
-                    )
-                    norms.append(g.double().pow(2).sum(dim=1).cpu().numpy())
-                    start += g.shape[0]
+                    f, sq = self.batch_features(weights, score, piece, checkpoint, start, split)
+                    feats.append(f.cpu().numpy().astype(dtype))
+                    norms.append(sq)
+                    start += f.shape[0]
                 block = np.concatenate(feats).astype(dtype)
                 if len(block) != rows_of[k]:
                     raise DataError(

@@ -29,7 +29,7 @@ __all__ = [
     "make_projector",
 ]
 
-Kind = Literal["identity", "gaussian", "rademacher"]
+Kind = Literal["identity", "gaussian", "rademacher", "kronecker"]
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,9 @@ class ProjectionConfig:
     """How features are made from gradients.
 
     Attributes:
-        kind: ``"identity"`` (exact, no projection), ``"gaussian"`` or ``"rademacher"``.
-        dim: projected dimension ``k`` (``None`` for identity).
+        kind: ``"identity"`` (exact, no projection), ``"gaussian"`` or ``"rademacher"`` (dense,
+            over all selected parameters), or ``"kronecker"`` (per layer, factored engine).
+        dim: projected dimension ``k`` (``None`` for identity); per layer for ``"kronecker"``.
         seed: base seed of every projection matrix.
     """
 
@@ -47,12 +48,15 @@ class ProjectionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("identity", "gaussian", "rademacher"):
+        if self.kind not in ("identity", "gaussian", "rademacher", "kronecker"):
             raise ConfigError(
-                f"projection kind {self.kind!r}; expected 'identity', 'gaussian' or 'rademacher'"
+                f"projection kind {self.kind!r}; expected 'identity', 'gaussian', 'rademacher' "
+                "or 'kronecker'"
             )
         if self.kind == "identity" and self.dim is not None:
-            raise ConfigError(f"proj_dim={self.dim} needs projection 'gaussian' or 'rademacher'")
+            raise ConfigError(
+                f"proj_dim={self.dim} needs projection 'gaussian', 'rademacher' or 'kronecker'"
+            )
         if self.kind != "identity" and (
             isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1
         ):

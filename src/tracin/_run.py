@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tracin._batch import Batch, Data
+from tracin._batch import Batch, Data, iter_batches
 from tracin._checkpoints import Checkpoints
-from tracin._errors import ConfigError
+from tracin._errors import ConfigError, DataError
 from tracin._featurize import GradientSource, RunConfig
 from tracin._params import eval_mode
 from tracin._scoring import Neighbors, fold, lr_weighted_sum, merge_top_k, top_k
@@ -178,7 +178,7 @@ class Run:
                 q, _ = source.features(weights, checkpoint, qtask.query_score, query, "query")
                 out = np.empty((q.shape[0], self.n_train), dtype=np.float64)
                 end = 0
-                for start, g in _train_batches(source, weights, task, self._train_data):
+                for start, g in _train_batches(source, weights, task, self._train_data, checkpoint):
                     end = start + g.shape[0]
                     if end > self.n_train:
                         break
@@ -251,20 +251,16 @@ def _query_task(task: Task | None, query_task: Task | None) -> Task:
 
 
 def _train_batches(
-    source: GradientSource, weights: dict[str, torch.Tensor], task: Task, data: Any
+    source: GradientSource, weights: dict[str, torch.Tensor], task: Task, data: Any, ckpt: Any
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    from tracin._batch import iter_batches
-
     start = 0
     for batch in iter_batches(data, source.batch_size):
-        g = source.grads(weights, task.train_loss, batch, start, "train")
+        g, _ = source.batch_features(weights, task.train_loss, batch, ckpt, start, "train")
         yield start, g
         start += g.shape[0]
 
 
 def _changed(end: int, n: int) -> Exception:
-    from tracin._errors import DataError
-
     return DataError(
         f"the training data now has {'more' if end > n else 'fewer'} rows than the {n} "
         "featurized; featurize again after changing the data"

@@ -1,0 +1,296 @@
+"""Factored per-example gradients: capture each layer's input ``a`` and output gradient ``d``.
+
+For ``nn.Linear`` (with or without a sequence dimension), ``nn.Conv1d``/``nn.Conv2d`` (as a
+Linear over unfolded patches) and ``nn.Embedding`` (one-hot inputs), the per-example gradient of
+the weight is ``G = sum_t d_t a_t^T``; a bias is one more input column of ones. One batched forward
+and one ``autograd.grad`` to the layer outputs give every example's ``a`` and ``d``: no loop over
+examples, no weight gradients. From them:
+
+- exact features: ``G`` itself, flattened like ``param.flatten()`` (weight, then bias);
+- Kronecker projection (LoGra): ``sum_t (P_out^T d_t)(a_t^T P_in)``, never forming ``G``;
+- exact ``||G||^2``: ``||a||^2 ||d||^2`` for one position, else ``sum(Gram(d) * Gram(a))`` or
+  ``||G||^2`` directly, whichever is cheaper.
+
+Hooks live only inside `_capture`, which removes them on exit. A layer called more than once in
+a forward pass (weight sharing) accumulates over all its calls, which is the exact gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.func import functional_call
+
+from tracin._batch import Batch
+from tracin._engine import FunctionalEngine, ScoreFn
+from tracin._errors import ConfigError, TaskError
+from tracin._projection import ProjectionConfig
+
+__all__ = ["FactoredEngine", "supported_layers"]
+
+
+@dataclass
+class _Layer:
+    """One hooked module and what is captured from it during a pass."""
+
+    name: str
+    module: nn.Module
+    index: int
+    weight: str
+    bias: str | None
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+def _conv_ok(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Conv1d | nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Embedding):
+        return module.max_norm is None and not module.scale_grad_by_freq
+    return isinstance(module, nn.Linear) or _conv_ok(module)
+
+
+def supported_layers(model: nn.Module, names: Sequence[str]) -> tuple[list[_Layer], list[str]]:
+    """Split selected parameter names into hookable layers and the rest (for torch.func).
+
+    A layer is hooked when its weight is selected and its bias is selected or absent (an
+    Embedding has no bias); anything else falls back to the functional engine.
+    """
+    chosen = set(names)
+    layers: list[_Layer] = []
+    covered: set[str] = set()
+    for mod_name, module in model.named_modules():
+        if not _supported(module):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        weight = f"{prefix}weight"
+        bias = f"{prefix}bias" if getattr(module, "bias", None) is not None else None
+        if weight in chosen and (bias is None or bias in chosen):
+            layers.append(_Layer(mod_name, module, len(layers), weight, bias))
+            covered |= {weight} | ({bias} if bias else set())
+    return layers, [n for n in names if n not in covered]
+
+
+def _positions(
+    layer: _Layer, x: torch.Tensor, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer input per position and output (gradient) per position.
+
+    Returns ``a`` as ``(B, T, in)`` (for an Embedding: indices ``(B, T)``) and ``out`` as
+    ``(B, T, out)``; a convolution's positions are its unfolded patches.
+    """
+    module = layer.module
+    b = x.shape[0]
+    if isinstance(module, nn.Embedding):
+        return x.reshape(b, -1), out.reshape(b, -1, out.shape[-1])
+    if isinstance(module, nn.Linear):
+        return x.reshape(b, -1, x.shape[-1]), out.reshape(b, -1, out.shape[-1])
+    assert isinstance(module, nn.Conv1d | nn.Conv2d)
+    pad = tuple(int(p) for p in module.padding)  # str padding is routed to torch.func
+    spec: list[tuple[int, ...]] = [
+        tuple(module.kernel_size),
+        tuple(module.dilation),
+        pad,
+        tuple(module.stride),
+    ]
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        spec = [(1, *s) if i != 2 else (0, *s) for i, s in enumerate(spec)]
+    kernel, dil, padding, stride = spec
+    a = F.unfold(x, kernel, dilation=dil, padding=padding, stride=stride).transpose(1, 2)
+    return a, out.reshape(b, out.shape[1], -1).transpose(1, 2)
+
+
+@contextmanager
+def _capture(layers: Sequence[_Layer]) -> Iterator[None]:
+    """Record every call's input and output of each layer; hooks removed on exit."""
+    handles = []
+    for layer in layers:
+        layer.inputs.clear()
+        layer.outputs.clear()
+
+        def hook(
+            mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, lay: _Layer = layer
+        ) -> None:
+            lay.inputs.append(args[0].detach())
+            lay.outputs.append(out)
+
+        handles.append(layer.module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _embedding_grad(idx: torch.Tensor, d: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(B, rows, dim)`` per-example embedding gradients: ``d`` summed into its index rows."""
+    g = torch.zeros(idx.shape[0], rows, d.shape[-1], dtype=d.dtype, device=d.device)
+    return g.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d)
+
+
+def _sqnorm(a: torch.Tensor, d: torch.Tensor, embedding: int | None) -> torch.Tensor:
+    """Exact ``||sum_t d_t a_t^T||^2`` per example, float64."""
+    d = d.double()
+    if embedding is not None:  # rows of G are sums of d over equal indices
+        return _embedding_grad(a, d, embedding).pow(2).sum((1, 2))
+    a = a.double()
+    t, n_in, n_out = a.shape[1], a.shape[2], d.shape[2]
+    if t == 1:
+        return a.pow(2).sum((1, 2)) * d.pow(2).sum((1, 2))
+    if t * t * (n_in + n_out) < t * n_in * n_out:
+        return (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+    return torch.bmm(d.transpose(1, 2), a).pow(2).sum((1, 2))
+
+
+class FactoredEngine:
+    """Per-example features from captured layer inputs and output gradients.
+
+    Args:
+        model: the network (eval mode is the caller's business).
+        names: selected parameter names.
+        projection: ``identity`` (exact gradients) or ``kronecker`` (per-layer ``k_out x k_in``
+            with ``k_in = k_out = round(sqrt(dim))``).
+    """
+
+    def __init__(
+        self, model: nn.Module, names: Sequence[str], projection: ProjectionConfig
+    ) -> None:
+        self.model = model
+        self.names = tuple(names)
+        self.projection = projection
+        self.layers, rest = supported_layers(model, names)
+        if not self.layers:
+            raise ConfigError("no Linear/Conv/Embedding layer among the selected parameters")
+        if projection.kind not in ("identity", "kronecker"):
+            raise ConfigError(
+                f"the factored engine projects with 'kronecker', not {projection.kind!r}"
+            )
+        self.rest = FunctionalEngine(model, rest) if rest else None
+        if self.rest is not None and projection.kind == "kronecker":
+            raise ConfigError(
+                f"parameters {rest[:5]} are not in Linear/Conv/Embedding layers and cannot be "
+                "Kronecker-projected; select layers=[...] without them, or use "
+                "projection='gaussian'"
+            )
+        self._mats: dict[tuple[int, int, int], torch.Tensor] = {}
+        params = dict(model.named_parameters())
+        self.sizes = {n: params[n].numel() for n in names}
+
+    def dim(self) -> int:
+        """Feature dimension."""
+        if self.projection.kind == "identity":
+            return sum(self.sizes.values())
+        side = self._side()
+        return len(self.layers) * side * side
+
+    def _side(self) -> int:
+        assert self.projection.dim is not None
+        return max(1, round(float(np.sqrt(self.projection.dim))))
+
+    def _matrix(self, checkpoint: int, layer: int, which: int, rows: int) -> torch.Tensor:
+        key = (checkpoint, layer, which)
+        if key not in self._mats:
+            if len(self._mats) > 4 * len(self.layers):
+                self._mats.clear()
+            seq = np.random.SeedSequence([self.projection.seed, checkpoint, layer, which])
+            gen = torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0] >> 1))
+            side = self._side()
+            self._mats[key] = torch.randn(rows, side, generator=gen) / float(np.sqrt(side))
+        return self._mats[key]
+
+    def _captured(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        params = {n: w.detach().requires_grad_(n in self.sizes) if w.is_floating_point() else w
+                  for n, w in weights.items()}  # fmt: skip
+
+        def model(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.model, params, args, kwargs)
+
+        with torch.enable_grad(), _capture(self.layers):
+            out = score(model, batch)
+            if out.dim() != 1:
+                raise TaskError(f"score returned shape {tuple(out.shape)}; expected (B,)")
+            outputs = [o for layer in self.layers for o in layer.outputs]
+            grads = torch.autograd.grad(out.sum(), outputs, allow_unused=True)
+        result, i = [], 0
+        for layer in self.layers:
+            a_parts, d_parts = [], []
+            for x, o in zip(layer.inputs, layer.outputs, strict=True):
+                g = grads[i] if grads[i] is not None else torch.zeros_like(o)
+                a, d = _positions(layer, x, g.detach())
+                a_parts.append(a)
+                d_parts.append(d)
+                i += 1
+            if not a_parts:
+                raise TaskError(f"layer {layer.name!r} was not called by the model's forward pass")
+            a, d = torch.cat(a_parts, 1), torch.cat(d_parts, 1)
+            pad = getattr(layer.module, "padding_idx", None)
+            if pad is not None:  # the padding row gets no gradient (as in nn.Embedding)
+                d = d * (a != pad).unsqueeze(-1).to(d.dtype)
+            if layer.bias is not None:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=2)
+            result.append((a, d))
+        return result
+
+    def features(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch, checkpoint: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features ``(B, dim)`` and exact squared gradient norms ``(B,)`` (float64)."""
+        captured = self._captured(weights, score, batch)
+        sq = torch.zeros(captured[0][0].shape[0], dtype=torch.float64)
+        pieces: dict[str, torch.Tensor] = {}
+        kron = []
+        for layer, (a, d) in zip(self.layers, captured, strict=True):
+            emb = layer.module.num_embeddings if isinstance(layer.module, nn.Embedding) else None
+            sq += _sqnorm(a, d, emb)
+            if self.projection.kind == "kronecker":
+                kron.append(self._kron(layer, a, d, emb, checkpoint))
+            else:
+                pieces.update(self._exact(layer, a, d, emb))
+        if kron:
+            return torch.cat(kron, dim=1), sq
+        if self.rest is not None:
+            g = self.rest.gradients(weights, score, batch)
+            sq += g.double().pow(2).sum(1)
+            offset = 0
+            for name in self.rest.names:
+                pieces[name] = g[:, offset : offset + self.sizes[name]]
+                offset += self.sizes[name]
+        return torch.cat([pieces[n] for n in self.names], dim=1), sq
+
+    def _exact(
+        self, layer: _Layer, a: torch.Tensor, d: torch.Tensor, emb: int | None
+    ) -> dict[str, torch.Tensor]:
+        b = a.shape[0]
+        if emb is not None:
+            return {layer.weight: _embedding_grad(a, d, emb).reshape(b, -1)}
+        g = torch.bmm(d.transpose(1, 2), a.to(d.dtype))  # (B, out, in[+1])
+        if layer.bias is None:
+            return {layer.weight: g.reshape(b, -1)}
+        return {layer.weight: g[..., :-1].reshape(b, -1), layer.bias: g[..., -1]}
+
+    def _kron(
+        self, layer: _Layer, a: torch.Tensor, d: torch.Tensor, emb: int | None, checkpoint: int
+    ) -> torch.Tensor:
+        n_in = emb if emb is not None else a.shape[-1]
+        p_in = self._matrix(checkpoint, layer.index, 0, n_in).to(d.dtype)
+        p_out = self._matrix(checkpoint, layer.index, 1, d.shape[-1]).to(d.dtype)
+        a_proj = p_in[a] if emb is not None else a.to(d.dtype) @ p_in  # (B, T, k_in)
+        d_proj = d @ p_out  # (B, T, k_out)
+        return torch.bmm(d_proj.transpose(1, 2), a_proj).reshape(a.shape[0], -1)

@@ -1,0 +1,201 @@
+"""Engine conformance: every engine's exact features equal a per-example backward() in float64,
+for every supported layer type, weight sharing, masked positions and the torch.func fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import brute_force_grads
+from torch import nn
+
+import tracin
+from tracin._engine import FunctionalEngine, FunctionalFeatures
+from tracin._hooks import FactoredEngine
+from tracin._projection import IdentityProjector, ProjectionConfig
+
+ENGINES = ("functional", "factored")
+
+
+class SeqLinear(nn.Module):
+    """Linear on a sequence (B, T, in) with masked mean pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(13, 6, padding_idx=0)
+        self.lin = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, ids, mask):
+        h = torch.tanh(self.lin(self.emb(ids))) * mask[..., None]
+        return self.out(h.sum(1) / mask.sum(1, keepdim=True))
+
+
+class Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 3, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(1, 4, 3, dilation=2, padding=2, bias=False)
+        self.fc = nn.Linear(3 * 4 + 4 * 5 * 5, 2)
+
+    def forward(self, x1, x2):
+        h1 = torch.relu(self.c1(x1)).flatten(1)
+        h2 = torch.relu(self.c2(x2)).flatten(1)
+        return self.fc(torch.cat([h1, h2], 1))
+
+
+class Shared(nn.Module):
+    """One Linear used twice in the forward pass (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+class WithNorm(nn.Module):
+    """LayerNorm parameters are not hookable: they fall back to torch.func."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(self.norm(self.lin(x)))
+
+
+def cases():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 13, (6, 7), generator=g)
+    mask = torch.ones(6, 7, dtype=torch.float64)
+    ids[::2, 5:] = 0
+    mask[::2, 5:] = 0
+    y3 = torch.randint(0, 3, (6,), generator=g)
+    y2 = torch.randint(0, 2, (6,), generator=g)
+    x1 = torch.randn(6, 2, 8, generator=g, dtype=torch.float64)
+    x2 = torch.randn(6, 1, 5, 5, generator=g, dtype=torch.float64)
+    x4 = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    return {
+        "embedding+sequence": (SeqLinear, {"ids": ids, "mask": mask, "labels": y3}),
+        "conv1d+conv2d": (Convs, {"x1": x1, "x2": x2, "labels": y2}),
+        "shared": (Shared, (x4, y2)),
+        "fallback": (WithNorm, (x4, y2)),
+    }
+
+
+def ce(model, batch):
+    if isinstance(batch, dict):
+        logits = model(*[v for k, v in batch.items() if k != "labels"])
+        return nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+    return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def rows(batch):
+    n = 6
+    if isinstance(batch, dict):
+        return [{k: v[i : i + 1] for k, v in batch.items()} for i in range(n)]
+    return [tuple(t[i : i + 1] for t in batch) for i in range(n)]
+
+
+def engine(kind, model, names):
+    if kind == "functional":
+        return FunctionalFeatures(FunctionalEngine(model, names), IdentityProjector(), 0)
+    return FactoredEngine(model, names, ProjectionConfig())
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+@pytest.mark.parametrize("case", list(cases()))
+def test_exact_features_equal_backward_oracle(kind, case):
+    torch.manual_seed(1)
+    cls, batch = cases()[case]
+    model = cls().double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    names = [n for n, _ in model.named_parameters()]
+    weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    weights = {k: v.detach() for k, v in weights.items()}
+    feats, sq = engine(kind, model, names).features(weights, ce, batch, 0)
+    oracle = brute_force_grads(model, model.state_dict(), ce, rows(batch))
+    np.testing.assert_allclose(feats.numpy(), oracle, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(sq.numpy(), (oracle**2).sum(1), rtol=1e-10)
+
+
+def test_padding_positions_do_not_count():
+    torch.manual_seed(2)
+    model = SeqLinear().double().eval()
+    batch = cases()["embedding+sequence"][1]
+    names = [n for n, _ in model.named_parameters()]
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    feats, _ = FactoredEngine(model, names, ProjectionConfig()).features(weights, ce, batch, 0)
+    changed = dict(batch)
+    changed["ids"] = batch["ids"].clone()
+    changed["ids"][::2, 5:] = 7  # other tokens under the mask: gradients must not move
+    again, _ = FactoredEngine(model, names, ProjectionConfig()).features(weights, ce, changed, 0)
+    torch.testing.assert_close(feats, again, rtol=1e-12, atol=1e-14)
+    # and the padding row of the embedding gets no gradient
+    emb = feats[:, : 13 * 6].reshape(6, 13, 6)
+    assert torch.equal(emb[:, 0], torch.zeros_like(emb[:, 0]))
+
+
+def test_kronecker_projection_is_the_kronecker_product_of_the_exact_gradient():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double().eval()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    names = [n for n, _ in model.named_parameters()]
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    eng = FactoredEngine(model, names, ProjectionConfig("kronecker", 16, seed=4))
+    feats, sq = eng.features(weights, ce, (x, y), checkpoint=9)
+    exact, _ = FactoredEngine(model, names, ProjectionConfig()).features(weights, ce, (x, y), 9)
+    # layer 0: weight (7 x 5) then bias (7): G_aug = [W | b] is 7 x 6
+    g0 = torch.cat([exact[:, :35].reshape(6, 7, 5), exact[:, 35:42].reshape(6, 7, 1)], 2)
+    p_in, p_out = eng._matrix(9, 0, 0, 6).double(), eng._matrix(9, 0, 1, 7).double()
+    expected = torch.einsum("bij,ik,jl->bkl", g0, p_out, p_in).reshape(6, -1)
+    torch.testing.assert_close(feats[:, :16], expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sq, exact.pow(2).sum(1), rtol=1e-12, atol=0)
+    assert eng.dim() == 32
+
+
+def test_kronecker_inner_products_converge():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(40, 60), nn.Tanh(), nn.Linear(60, 10)).double().eval()
+    x = torch.randn(20, 40, dtype=torch.float64)
+    y = torch.randint(0, 10, (20,))
+    names = [n for n, _ in model.named_parameters()]
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    exact, _ = FactoredEngine(model, names, ProjectionConfig()).features(weights, ce, (x, y), 0)
+    truth = exact @ exact.T
+    errors = []
+    for dim in (16, 144, 1600):
+        f, _ = FactoredEngine(model, names, ProjectionConfig("kronecker", dim)).features(
+            weights, ce, (x, y), 0
+        )
+        errors.append(
+            float(((f @ f.T - truth).abs() / truth.diag().sqrt().outer(truth.diag().sqrt())).mean())
+        )
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.1, errors
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_engines_agree_through_featurize(kind, mlp_setup):
+    model, train, query, states = mlp_setup
+    ckpts = tracin.Checkpoints.from_state_dicts(states, lr=[0.5, 0.1, 0.02])
+    data = torch.utils.data.TensorDataset(*train)
+    task = tracin.ClassificationTask()
+    run = tracin.featurize(model, task, ckpts, data, engine=kind)
+    ref = tracin.featurize(model, task, ckpts, data, engine="functional")
+    np.testing.assert_allclose(run.influence(query), ref.influence(query), rtol=1e-10)
+    np.testing.assert_allclose(run.self_influence(), ref.self_influence(), rtol=1e-10)
+
+
+def test_kronecker_needs_hookable_layers(mlp_setup):
+    model = WithNorm().double()
+    with pytest.raises(tracin.ConfigError, match="cannot be Kronecker-projected"):
+        FactoredEngine(model, [n for n, _ in model.named_parameters()],
+                       ProjectionConfig("kronecker", 16))  # fmt: skip
