@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import brute_force_grads
 from torch import nn
 
 import tracin
+from conftest import brute_force_grads
 from tracin._engine import FunctionalEngine, FunctionalFeatures
 from tracin._hooks import FactoredEngine
 from tracin._projection import IdentityProjector, ProjectionConfig
@@ -199,3 +199,24 @@ def test_kronecker_needs_hookable_layers(mlp_setup):
     with pytest.raises(tracin.ConfigError, match="cannot be Kronecker-projected"):
         FactoredEngine(model, [n for n, _ in model.named_parameters()],
                        ProjectionConfig("kronecker", 16))  # fmt: skip
+
+
+def test_last_layer_path_is_exact(mlp_setup, tmp_path):
+    model, train, query, states = mlp_setup
+    ckpts = tracin.Checkpoints.from_state_dicts(states, lr=[0.5, 0.1, 0.02])
+    data = torch.utils.data.TensorDataset(*train)
+    task = tracin.ClassificationTask()
+    exact = tracin.featurize(model, task, ckpts, data, layers=["2"], engine="functional")
+    fast = tracin.featurize(model, task, ckpts, data, layers=["2"], projection="last_layer",
+                            store=tmp_path / "ll", dtype="float64")  # fmt: skip
+    assert fast.config.projection.split == 11  # 10 inputs + the bias column
+    stored = np.load(tmp_path / "ll/features/train/ckpt_ckpt_0/block_0.npy")
+    assert stored.shape == (30, 11 + 4)  # a and d, not the 44-entry gradient
+    np.testing.assert_allclose(fast.influence(query), exact.influence(query), rtol=1e-10)
+    np.testing.assert_allclose(fast.self_influence(), exact.self_influence(), rtol=1e-10)
+    props = fast.proponents(query, k=5)
+    np.testing.assert_array_equal(props.indices, exact.proponents(query, k=5).indices)
+    u = np.concatenate([b for _, b in fast.folded_blocks()])
+    np.testing.assert_allclose(fast.folded_queries(query) @ u.T, exact.influence(query), rtol=1e-4)
+    with pytest.raises(tracin.ConfigError, match="exactly one Linear"):
+        tracin.featurize(model, task, ckpts, data, projection="last_layer")

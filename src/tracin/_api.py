@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from tracin._featurize import (
     make_engine,
     model_fingerprint,
 )
+from tracin._hooks import FactoredEngine
 from tracin._params import eval_mode, select_parameters
 from tracin._projection import ProjectionConfig
 from tracin._run import Run
@@ -163,7 +165,11 @@ def featurize(
     proj = ProjectionConfig(kind, proj_dim, seed)  # type: ignore[arg-type]
     names = tuple(select_parameters(model, layers))
     config = RunConfig(names, proj, dtype, block_rows, batch_size, engine)
-    source = GradientSource(model, make_engine(model, config), batch_size)
+    feature_engine = make_engine(model, config)
+    if isinstance(feature_engine, FactoredEngine) and proj.kind == "last_layer":
+        proj = dataclasses.replace(proj, split=feature_engine.split())
+        config = dataclasses.replace(config, projection=proj)
+    source = GradientSource(model, feature_engine, batch_size)
     with eval_mode(model):
         n_train = _check_first_batch(source, task, checkpoints[0], train_data)
         common: dict[str, Any] = dict(

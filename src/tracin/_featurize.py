@@ -78,11 +78,14 @@ def make_engine(model: nn.Module, config: RunConfig) -> FeatureEngine:
     factored = config.engine == "factored" or (
         config.engine == "auto" and not rest and proj.kind in ("identity", "kronecker")
     )
-    if proj.kind == "kronecker" and not factored:
-        raise ConfigError("projection='kronecker' needs engine='factored' (or 'auto')")
+    if proj.kind in ("kronecker", "last_layer") and not factored:
+        if config.engine == "functional":
+            raise ConfigError(f"projection={proj.kind!r} needs engine='factored' (or 'auto')")
+        factored = True
     if factored:
-        engine = FactoredEngine(model, names, proj if proj.kind == "kronecker" else _IDENTITY)
-        if proj.kind in ("identity", "kronecker"):
+        own = proj.kind in ("identity", "kronecker", "last_layer")
+        engine = FactoredEngine(model, names, proj if own else _IDENTITY)
+        if own:
             return engine
         return _Projected(engine, make_projector(proj, _sizes(model, names)))
     sizes = _sizes(model, names)

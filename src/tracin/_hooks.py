@@ -176,9 +176,16 @@ class FactoredEngine:
         self.layers, rest = supported_layers(model, names)
         if not self.layers:
             raise ConfigError("no Linear/Conv/Embedding layer among the selected parameters")
-        if projection.kind not in ("identity", "kronecker"):
+        if projection.kind not in ("identity", "kronecker", "last_layer"):
             raise ConfigError(
                 f"the factored engine projects with 'kronecker', not {projection.kind!r}"
+            )
+        if projection.kind == "last_layer" and (
+            rest or len(self.layers) != 1 or not isinstance(self.layers[0].module, nn.Linear)
+        ):
+            raise ConfigError(
+                f"projection='last_layer' needs exactly one Linear layer selected, got "
+                f"{list(names)}; pass layers=['<name of the final Linear>']"
             )
         self.rest = FunctionalEngine(model, rest) if rest else None
         if self.rest is not None and projection.kind == "kronecker":
@@ -195,8 +202,19 @@ class FactoredEngine:
         """Feature dimension."""
         if self.projection.kind == "identity":
             return sum(self.sizes.values())
+        if self.projection.kind == "last_layer":
+            return self.split() + int(self._weight_shape()[0])
         side = self._side()
         return len(self.layers) * side * side
+
+    def split(self) -> int:
+        """For ``last_layer``: how many leading columns hold ``a`` (bias column included)."""
+        return int(self._weight_shape()[1]) + (1 if self.layers[0].bias is not None else 0)
+
+    def _weight_shape(self) -> torch.Size:
+        weight = self.layers[0].module.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.shape
 
     def _side(self) -> int:
         assert self.projection.dim is not None
@@ -259,7 +277,14 @@ class FactoredEngine:
         for layer, (a, d) in zip(self.layers, captured, strict=True):
             emb = layer.module.num_embeddings if isinstance(layer.module, nn.Embedding) else None
             sq += _sqnorm(a, d, emb)
-            if self.projection.kind == "kronecker":
+            if self.projection.kind == "last_layer":
+                if a.shape[1] != 1:
+                    raise TaskError(
+                        f"layer {layer.name!r} sees {a.shape[1]} positions per example; the "
+                        "last-layer path needs one (use projection='kronecker' for sequences)"
+                    )
+                kron.append(torch.cat([a[:, 0].to(d.dtype), d[:, 0]], dim=1))
+            elif self.projection.kind == "kronecker":
                 kron.append(self._kron(layer, a, d, emb, checkpoint))
             else:
                 pieces.update(self._exact(layer, a, d, emb))

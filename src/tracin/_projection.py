@@ -29,7 +29,8 @@ __all__ = [
     "make_projector",
 ]
 
-Kind = Literal["identity", "gaussian", "rademacher", "kronecker"]
+Kind = Literal["identity", "gaussian", "rademacher", "kronecker", "last_layer"]
+_EXACT = ("identity", "last_layer")
 
 
 @dataclass(frozen=True)
@@ -39,25 +40,30 @@ class ProjectionConfig:
     Attributes:
         kind: ``"identity"`` (exact, no projection), ``"gaussian"`` or ``"rademacher"`` (dense,
             over all selected parameters), or ``"kronecker"`` (per layer, factored engine).
-        dim: projected dimension ``k`` (``None`` for identity); per layer for ``"kronecker"``.
+            ``"last_layer"``: exact factors ``[a, d]`` of one Linear layer, scored as
+            ``<a, a'> <d, d'>`` (the paper's Appendix F).
+        dim: projected dimension ``k`` (``None`` for exact kinds); per layer for ``"kronecker"``.
         seed: base seed of every projection matrix.
+        split: for ``"last_layer"``, how many leading feature columns hold ``a`` (the rest
+            hold ``d``); set by featurize.
     """
 
     kind: Kind = "identity"
     dim: int | None = None
     seed: int = 0
+    split: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("identity", "gaussian", "rademacher", "kronecker"):
+        if self.kind not in ("identity", "gaussian", "rademacher", "kronecker", "last_layer"):
             raise ConfigError(
-                f"projection kind {self.kind!r}; expected 'identity', 'gaussian', 'rademacher' "
-                "or 'kronecker'"
+                f"projection kind {self.kind!r}; expected 'identity', 'gaussian', 'rademacher', "
+                "'kronecker' or 'last_layer'"
             )
-        if self.kind == "identity" and self.dim is not None:
+        if self.kind in _EXACT and self.dim is not None:
             raise ConfigError(
                 f"proj_dim={self.dim} needs projection 'gaussian', 'rademacher' or 'kronecker'"
             )
-        if self.kind != "identity" and (
+        if self.kind not in _EXACT and (
             isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1
         ):
             raise ConfigError(f"proj_dim={self.dim!r} must be a positive integer")
@@ -168,6 +174,6 @@ class DenseProjector:
 
 def make_projector(config: ProjectionConfig, sizes: Sequence[int]) -> Projector:
     """The projector a configuration names."""
-    if config.kind == "identity":
+    if config.kind in _EXACT:
         return IdentityProjector()
     return DenseProjector(sizes, config)

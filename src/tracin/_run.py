@@ -145,14 +145,16 @@ class Run:
             for lr, ckpt_id, q in zip(self.lrs, self.ckpt_ids, queries, strict=True):
                 block = self.store.read_block("train", ckpt_id, k)[0]
                 f = torch.from_numpy(np.array(block, dtype=dtype))
-                terms.append((lr, (q @ f.T).numpy()))
+                terms.append((lr, self._inner(q, f).numpy()))
             yield k * self.config.block_rows, lr_weighted_sum(terms)
 
     def folded_queries(
         self, query: Data | Batch | str, *, query_task: Task | None = None
     ) -> np.ndarray:
         """Query vectors ``u(q)`` ``(Q, C * dim)`` float32, with ``<u(q), u(z)>`` = score."""
-        feats = [q.detach().cpu().numpy() for q in self.query_features(query, query_task)]
+        feats = [
+            self._unfactor(q.detach().cpu().numpy()) for q in self.query_features(query, query_task)
+        ]
         return fold(self.lrs, feats)
 
     def folded_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
@@ -162,8 +164,23 @@ class Run:
                 "folded vectors need stored features: featurize with a store or proj_dim"
             )
         for k in range(self._n_blocks()):
-            feats = [self.store.read_block("train", c, k)[0] for c in self.ckpt_ids]
+            feats = [self._unfactor(self.store.read_block("train", c, k)[0]) for c in self.ckpt_ids]
             yield k * self.config.block_rows, fold(self.lrs, feats)
+
+    def _inner(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Per-checkpoint scores ``(Q, rows)`` from features: ``<g, g'>`` in feature space."""
+        split = self.config.projection.split
+        if self.config.projection.kind == "last_layer" and split is not None:
+            return (q[:, :split] @ f[:, :split].T) * (q[:, split:] @ f[:, split:].T)
+        return q @ f.T
+
+    def _unfactor(self, feats: np.ndarray) -> np.ndarray:
+        """Last-layer factors ``[a, d]`` -> the flattened gradient ``d a^T`` (else unchanged)."""
+        split = self.config.projection.split
+        if self.config.projection.kind != "last_layer" or split is None:
+            return feats
+        a, d = np.asarray(feats[:, :split], np.float32), np.asarray(feats[:, split:], np.float32)
+        return (d[:, :, None] * a[:, None, :]).reshape(len(feats), -1)
 
     def _streamed(self, query: Data | Batch, query_task: Task | None) -> np.ndarray:
         source = self._need_source("streaming mode")
