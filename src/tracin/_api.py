@@ -85,8 +85,8 @@ def _reconcile(store: FeatureStore, manifest: dict[str, Any], overwrite: bool) -
             f"this tracin {tracin.__version__} reads schema {SCHEMA_VERSION}: featurize again "
             "with overwrite=True"
         )
-    diffs = _diff({"config": old.get("config"), "model": old.get("model")},
-                  {"config": manifest["config"], "model": manifest["model"]})  # fmt: skip
+    keys = ("config", "model", "embedding_layer")
+    diffs = _diff({k: old.get(k) for k in keys}, {k: manifest[k] for k in keys})
     hashes = {c["id"]: c["sha256"] for c in old.get("checkpoints", [])}
     for c in manifest["checkpoints"]:
         if hashes.get(c["id"], c["sha256"]) != c["sha256"]:
@@ -121,6 +121,7 @@ def featurize(
     batch_size: int = 64,
     block_rows: int = 4096,
     engine: str = "auto",
+    embedding_layer: str | None = None,
     queries: Mapping[str, Data | Batch] | None = None,
     query_task: Task | None = None,
     overwrite: bool = False,
@@ -149,6 +150,8 @@ def featurize(
         block_rows: rows per stored block (the unit of resume and of distributed work).
         engine: ``"auto"``, ``"functional"`` (torch.func, any module) or ``"factored"`` (hooks
             on Linear/Conv/Embedding; one batched backward, Kronecker projection).
+        embedding_layer: module whose output (at the last checkpoint) is saved as each row's
+            embedding, for `Run.embedding_neighbors` (the penultimate layer is the usual choice).
         queries: named query datasets to featurize too (``run.influence("name")`` then needs
             no model).
         query_task: task whose query score is used for ``queries`` (default: ``task``).
@@ -177,9 +180,6 @@ def featurize(
             n_train=n_train, source=source, task=task, checkpoints=checkpoints,
             train_data=train_data,
         )  # fmt: skip
-        if store is None and proj.kind == "identity":
-            sq = _stream_sqnorms(source, task, checkpoints, train_data, n_train, progress)
-            return Run(store=None, sqnorms=sq, **common)
         feature_store = FeatureStore(None if store is None else Path(store))
         splits = {"train": (train_data, task.train_loss)}
         qtask = query_task or task
@@ -187,9 +187,14 @@ def featurize(
             if name == "train":
                 raise ConfigError("a query split cannot be named 'train'")
             splits[name] = (data, qtask.query_score)
+        if store is None and proj.kind == "identity":
+            sq = _stream_sqnorms(source, task, checkpoints, train_data, n_train, progress)
+            _embed(source, feature_store, splits, checkpoints, embedding_layer, config)
+            return Run(store=feature_store, streaming=True, sqnorms=sq, **common)
         manifest: dict[str, Any] = {
             "schema": SCHEMA_VERSION, "tracin_version": tracin.__version__,
             "config": config.to_json(), "model": model_fingerprint(model),
+            "embedding_layer": embedding_layer,
             "checkpoints": [_ckpt_entry(c) for c in checkpoints],
             "splits": {name: {"n_rows": count_rows(d, batch_size),
                               "fingerprint": data_fingerprint(d, batch_size)}
@@ -201,7 +206,25 @@ def featurize(
         for name, (data, score) in splits.items():
             n_rows = int(manifest["splits"][name]["n_rows"])
             source.fill(feature_store, name, checkpoints, score, data, n_rows, config, progress)
-    return Run(store=feature_store, **common)
+        _embed(source, feature_store, splits, checkpoints, embedding_layer, config)
+    split_rows = {k: int(v["n_rows"]) for k, v in manifest["splits"].items()}
+    return Run(store=feature_store, split_rows=split_rows, **common)
+
+
+def _embed(
+    source: GradientSource,
+    store: FeatureStore,
+    splits: dict[str, Any],
+    checkpoints: Checkpoints,
+    layer: str | None,
+    config: RunConfig,
+) -> None:
+    """Store every split's ``layer`` activations at the last checkpoint (the final model)."""
+    if layer is None:
+        return
+    for name, (data, score) in splits.items():
+        n_rows = count_rows(data, config.batch_size)
+        source.embed(store, name, checkpoints[-1], layer, score, data, n_rows, config)
 
 
 def _check_first_batch(
@@ -283,4 +306,5 @@ def open(
         config=config, ckpt_ids=tuple(e["id"] for e in entries),
         lrs=tuple(float(e["lr"]) for e in entries), n_train=manifest["splits"]["train"]["n_rows"],
         store=store, source=source, task=task, checkpoints=checkpoints,
+        split_rows={k: int(v["n_rows"]) for k, v in manifest["splits"].items()},
     )  # fmt: skip

@@ -19,12 +19,18 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from tracin._batch import Batch, Data, batch_size, iter_batches, map_tensors, slice_batch
 from tracin._checkpoints import Checkpoint, Checkpoints
-from tracin._engine import FeatureEngine, FunctionalEngine, FunctionalFeatures, ScoreFn
+from tracin._engine import (
+    FeatureEngine,
+    FunctionalEngine,
+    FunctionalFeatures,
+    ScoreFn,
+    functional_model,
+)
 from tracin._errors import ConfigError, DataError
 from tracin._hooks import FactoredEngine, supported_layers
 from tracin._params import fit_state
 from tracin._projection import ProjectionConfig, Projector, checkpoint_key, make_projector
-from tracin._store import FeatureStore
+from tracin._store import EMBEDDING, FeatureStore
 
 __all__ = [
     "GradientSource",
@@ -231,34 +237,100 @@ class GradientSource:
         progress: Any = None,
     ) -> None:
         """Compute every missing block of ``split`` for every checkpoint and write it."""
-        rows_of = _block_sizes(n_rows, config.block_rows)
-        dtype = np.dtype(config.dtype)
         for checkpoint in checkpoints:
-            todo = [
-                k
-                for k, rows in enumerate(rows_of)
-                if not store.is_valid(split, checkpoint.id, k, rows)
-            ]
+            todo = _missing(store, split, checkpoint.id, n_rows, config.block_rows)
             if not todo:
                 continue
             weights = self.weights(checkpoint)
-            for k, pieces in _block_pieces(data, todo, config.block_rows, n_rows, self.batch_size):
-                feats, norms = [], []
-                start = k * config.block_rows
-                for piece in pieces:
-                    f, sq = self.batch_features(weights, score, piece, checkpoint, start, split)
-                    feats.append(f.cpu().numpy().astype(dtype))
-                    norms.append(sq)
-                    start += f.shape[0]
-                block = np.concatenate(feats).astype(dtype)
-                if len(block) != rows_of[k]:
-                    raise DataError(
-                        f"{split} block {k} has {len(block)} rows, expected {rows_of[k]}: the data "
-                        "changed length while featurizing"
-                    )
-                store.write_block(split, checkpoint.id, k, block, np.concatenate(norms))
-                if progress is not None:
-                    progress(f"{split} {checkpoint.id}", len(block), n_rows)
+
+            def compute(
+                piece: Batch, start: int, c: Checkpoint = checkpoint, w: Any = weights
+            ) -> Any:
+                return self.batch_features(w, score, piece, c, start, split)
+
+            _write_blocks(store, split, checkpoint.id, todo, data, n_rows, config, compute,
+                          self.batch_size, progress)  # fmt: skip
+
+    def embed(
+        self,
+        store: FeatureStore,
+        split: str,
+        checkpoint: Checkpoint,
+        layer: str,
+        score: ScoreFn,
+        data: Data | Batch,
+        n_rows: int,
+        config: RunConfig,
+    ) -> None:
+        """Store the output of module ``layer`` (flattened per example) at ``checkpoint``."""
+        todo = _missing(store, split, EMBEDDING, n_rows, config.block_rows)
+        if not todo:
+            return
+        module = dict(self.model.named_modules()).get(layer)
+        if module is None:
+            names = [n for n, _ in self.model.named_modules() if n]
+            raise ConfigError(
+                f"embedding_layer={layer!r} is not a module of the model: {names[:20]}"
+            )
+        weights = self.weights(checkpoint)
+        captured: list[torch.Tensor] = []
+
+        def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            captured.append(out.detach().flatten(1).double())
+
+        def compute(piece: Batch, start: int) -> tuple[torch.Tensor, np.ndarray]:
+            captured.clear()
+            piece = map_tensors(lambda t: t.to(device_of(self.model)), piece)
+            with torch.no_grad():
+                score(functional_model(self.model, weights), piece)
+            emb = captured[-1]
+            return emb, emb.pow(2).sum(1).cpu().numpy()
+
+        handle = module.register_forward_hook(hook)
+        try:
+            _write_blocks(store, split, EMBEDDING, todo, data, n_rows, config, compute,
+                          self.batch_size, None)  # fmt: skip
+        finally:
+            handle.remove()
+
+
+def _missing(store: FeatureStore, split: str, key: str, n_rows: int, block_rows: int) -> list[int]:
+    rows_of = _block_sizes(n_rows, block_rows)
+    return [k for k, rows in enumerate(rows_of) if not store.is_valid(split, key, k, rows)]
+
+
+def _write_blocks(
+    store: FeatureStore,
+    split: str,
+    key: str,
+    todo: list[int],
+    data: Data | Batch,
+    n_rows: int,
+    config: RunConfig,
+    compute: Any,
+    size: int,
+    progress: Any,
+) -> None:
+    """Compute and write blocks ``todo`` of ``split``; ``compute(piece, start) -> (f, sq)``."""
+    rows_of = _block_sizes(n_rows, config.block_rows)
+    dtype = np.dtype(config.dtype)
+    for k, pieces in _block_pieces(data, todo, config.block_rows, n_rows, size):
+        feats, norms = [], []
+        start = k * config.block_rows
+        for piece in pieces:
+            f, sq = compute(piece, start)
+            feats.append(f.cpu().numpy().astype(dtype))
+            norms.append(sq)
+            start += f.shape[0]
+        block = np.concatenate(feats)
+        if len(block) != rows_of[k]:
+            raise DataError(
+                f"{split} block {k} has {len(block)} rows, expected {rows_of[k]}: the data "
+                "changed length while featurizing"
+            )
+        store.write_block(split, key, k, block, np.concatenate(norms))
+        if progress is not None:
+            progress(f"{split} {key}", len(block), n_rows)
 
 
 def _block_sizes(n_rows: int, block_rows: int) -> list[int]:

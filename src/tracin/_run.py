@@ -27,12 +27,10 @@ from tracin._errors import ConfigError, DataError
 from tracin._featurize import GradientSource, RunConfig
 from tracin._params import eval_mode
 from tracin._scoring import Neighbors, fold, lr_weighted_sum, merge_top_k, top_k
-from tracin._store import FeatureStore, StoreError
+from tracin._store import EMBEDDING, FeatureStore, StoreError
 from tracin._task import Task
 
 __all__ = ["Run"]
-
-Query = "Data | Batch | str"
 
 
 class Run:
@@ -49,7 +47,9 @@ class Run:
         ckpt_ids: tuple[str, ...],
         lrs: tuple[float, ...],
         n_train: int,
-        store: FeatureStore | None,
+        store: FeatureStore,
+        streaming: bool = False,
+        split_rows: dict[str, int] | None = None,
         source: GradientSource | None = None,
         task: Task | None = None,
         checkpoints: Checkpoints | None = None,
@@ -61,6 +61,8 @@ class Run:
         self.lrs = lrs
         self.n_train = n_train
         self.store = store
+        self.streaming = streaming
+        self.split_rows = dict(split_rows or {"train": n_train})
         self.task = task
         self.checkpoints = checkpoints
         self._source = source
@@ -76,7 +78,6 @@ class Run:
     def self_influence_by_checkpoint(self) -> np.ndarray:
         """Exact ``||g_c(z)||^2`` per checkpoint, without learning rates, shape ``(C, N)``."""
         if self._sqnorms is None:
-            assert self.store is not None
             blocks = range(self._n_blocks())
             self._sqnorms = np.stack(
                 [
@@ -107,8 +108,11 @@ class Run:
     ) -> list[torch.Tensor]:
         """Query features per checkpoint, each ``(Q, dim)`` float32 (or the model's dtype)."""
         if isinstance(query, str):
-            if self.store is None:
-                raise ConfigError(f"query split {query!r}: this run has no store")
+            if self.streaming:
+                raise ConfigError(
+                    f"query split {query!r}: this run streams exact gradients and stores no "
+                    "query features; pass the query batch itself, or featurize with a store"
+                )
             return [self._stored_split(query, c) for c in self.ckpt_ids]
         source = self._need_source("scoring a query batch")
         qtask = _query_task(self.task, query_task)
@@ -122,14 +126,18 @@ class Run:
         return out
 
     def _stored_split(self, split: str, ckpt_id: str) -> torch.Tensor:
-        assert self.store is not None
-        manifest = self.store.read_manifest() or {}
-        info = manifest.get("splits", {}).get(split)
-        if info is None:
-            raise StoreError(f"split {split!r} is not in the store; featurize it first")
-        blocks = -(-int(info["n_rows"]) // self.config.block_rows)
-        parts = [np.asarray(self.store.read_block(split, ckpt_id, k)[0]) for k in range(blocks)]
-        return torch.from_numpy(np.concatenate(parts))
+        return torch.from_numpy(self.read_split(split, ckpt_id))
+
+    def read_split(self, split: str, key: str) -> np.ndarray:
+        """All stored rows of ``split`` for checkpoint id (or embedding) ``key``."""
+        if split not in self.split_rows:
+            raise StoreError(
+                f"split {split!r} is not in the store (it has {sorted(self.split_rows)}); "
+                "featurize it with queries={...}"
+            )
+        blocks = -(-self.split_rows[split] // self.config.block_rows)
+        parts = [np.asarray(self.store.read_block(split, key, k)[0]) for k in range(blocks)]
+        return np.concatenate(parts)
 
     def _score_blocks(self, q_feats: list[torch.Tensor]) -> Iterator[tuple[int, np.ndarray]]:
         """``(start_row, (Q, rows) scores)`` for each stored block of training rows.
@@ -137,7 +145,6 @@ class Run:
         Blocks are converted to float32 (float64 for a float64 store) before multiplying: a
         float16 matrix multiply is far slower on CPUs, and scores accumulate in float32 or better.
         """
-        assert self.store is not None
         dtype = np.float64 if self.config.dtype == "float64" else np.float32
         queries = [q.to(torch.float64 if dtype == np.float64 else torch.float32) for q in q_feats]
         for k in range(self._n_blocks()):
@@ -159,7 +166,7 @@ class Run:
 
     def folded_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """``(start_row, (rows, C * dim) float32)`` training vectors ``u(z)``, block by block."""
-        if self.store is None:
+        if self.streaming:
             raise ConfigError(
                 "folded vectors need stored features: featurize with a store or proj_dim"
             )
@@ -181,6 +188,50 @@ class Run:
             return feats
         a, d = np.asarray(feats[:, :split], np.float32), np.asarray(feats[:, split:], np.float32)
         return (d[:, :, None] * a[:, None, :]).reshape(len(feats), -1)
+
+    # --- analysis -----------------------------------------------------------------------------
+    def embeddings(self, split: str = "train") -> np.ndarray:
+        """Stored ``embedding_layer`` activations of ``split``, shape ``(rows, width)``."""
+        return self.read_split(split, EMBEDDING)
+
+    def embedding_neighbors(
+        self, query: str | np.ndarray, k: int = 10
+    ) -> tuple[Neighbors, Neighbors]:
+        """Nearest and farthest training rows by cosine of embeddings: the baseline to TracIn.
+
+        Args:
+            query: a stored split name, or query embeddings ``(Q, width)``.
+            k: rows per query.
+        """
+        from tracin._analysis import embedding_neighbors
+
+        q = self.embeddings(query) if isinstance(query, str) else np.asarray(query)
+        return embedding_neighbors(q, self.embeddings("train"), k)
+
+    def cluster(
+        self, n_clusters: int = 8, rows: Any = None, *, method: str = "agglomerative", seed: int = 0
+    ) -> np.ndarray:
+        """Cluster training rows by TracIn similarity; labels in ``0..n_clusters-1``.
+
+        Similarity is the cosine of ``concat_c sqrt(lr_c) f_c / ||f_c||`` (unit-normalised
+        gradients per checkpoint), distance ``1 - similarity``.
+
+        Args:
+            n_clusters: number of clusters.
+            rows: indices of the training rows to cluster (default: all).
+            method: ``"agglomerative"`` (average linkage on the distances) or ``"kmeans"``
+                (on the unit vectors; for many rows).
+            seed: k-means seed.
+        """
+        from tracin._analysis import cluster, similarity_vectors
+
+        if self.streaming:
+            raise ConfigError(
+                "clustering needs stored features: featurize with a store or proj_dim=..."
+            )
+        index = np.arange(self.n_train) if rows is None else np.asarray(rows, dtype=np.int64)
+        feats = [self._unfactor(self.read_split("train", c)[index]) for c in self.ckpt_ids]
+        return cluster(similarity_vectors(self.lrs, feats), n_clusters, method=method, seed=seed)
 
     def _streamed(self, query: Data | Batch, query_task: Task | None) -> np.ndarray:
         source = self._need_source("streaming mode")
@@ -217,7 +268,7 @@ class Run:
                 the run's task), e.g. ``ClassificationTask(query="prediction")`` for unlabelled
                 queries.
         """
-        if self.store is None:
+        if self.streaming:
             if isinstance(query, str):
                 raise ConfigError(f"query split {query!r}: this run has no store")
             return self._streamed(query, query_task)
@@ -232,7 +283,7 @@ class Run:
     ) -> tuple[Neighbors, Neighbors]:
         """Proponents and opponents from one pass: ``(proponents, opponents)``."""
         _check_k(k, self.n_train)
-        if self.store is None:
+        if self.streaming:
             scores = self.influence(query, query_task=query_task)
             return top_k(scores, k, largest=True), top_k(scores, k, largest=False)
         q_feats = self.query_features(query, query_task)

@@ -6,6 +6,7 @@ Layout under the run directory::
     features/<split>/ckpt_<id>/block_<k>.npy         (rows, dim) features, float32 or float16
     features/<split>/ckpt_<id>/sqnorm_<k>.npy        (rows,) exact ||g||^2, float64
     features/<split>/ckpt_<id>/block_<k>.json        rows and sha256 of both files, written last
+    embeddings/<split>/block_<k>.npy (+ sqnorm, json) activations of a chosen layer (baseline)
 
 Every file is written to a temporary name, fsynced and renamed, and a block counts as present
 only once its ``.json`` exists, so a crash at any moment leaves complete blocks or none. Reads
@@ -28,9 +29,11 @@ import numpy as np
 
 from tracin._errors import TracInError
 
-__all__ = ["SCHEMA_VERSION", "FeatureStore", "StoreError", "atomic_write"]
+__all__ = ["EMBEDDING", "SCHEMA_VERSION", "FeatureStore", "StoreError", "atomic_write"]
 
 SCHEMA_VERSION = 1
+EMBEDDING = "__embedding__"
+"""Checkpoint key under which a split's embeddings are stored (in ``embeddings/<split>``)."""
 
 
 class StoreError(TracInError):
@@ -106,7 +109,7 @@ class FeatureStore:
         """
         if self.root is None or not (self.root / "features").exists():
             return 0
-        stale = list((self.root / "features").rglob(".*.tmp"))
+        stale = [*(self.root / "features").rglob(".*.tmp"), *self.root.glob("embeddings/*/.*.tmp")]
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
@@ -114,6 +117,8 @@ class FeatureStore:
     # --- blocks -----------------------------------------------------------------------------
     def _dir(self, split: str, ckpt_id: str) -> Path:
         assert self.root is not None
+        if ckpt_id == EMBEDDING:
+            return self.root / "embeddings" / split
         return self.root / "features" / split / f"ckpt_{ckpt_id}"
 
     def _paths(self, split: str, ckpt_id: str, block: int) -> tuple[Path, Path, Path]:

@@ -1,0 +1,72 @@
+"""Analysis over stored vectors: TracIn-similarity clustering and the embedding-kNN baseline.
+
+TracIn similarity (for clustering): with unit-normalised per-checkpoint features
+``f_c / ||f_c||``, the vector ``s(z) = concat_c sqrt(lr_c) f_c / ||f_c||``, normalised again, and
+similarity ``<s(z), s(z')>`` (a cosine); distance ``1 - similarity``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from tracin._errors import ConfigError
+from tracin._scoring import Neighbors, top_k
+
+__all__ = ["cluster", "embedding_neighbors", "similarity_vectors"]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    out: np.ndarray = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    return out
+
+
+def similarity_vectors(lrs: Sequence[float], features: Sequence[np.ndarray]) -> np.ndarray:
+    """Unit vectors whose inner products are TracIn similarities, ``(rows, sum dim)``."""
+    parts = [
+        np.sqrt(lr) * _unit(np.asarray(f, dtype=np.float64))
+        for lr, f in zip(lrs, features, strict=True)
+    ]
+    return _unit(np.concatenate(parts, axis=1))
+
+
+def cluster(
+    vectors: np.ndarray, n_clusters: int, *, method: str = "agglomerative", seed: int = 0
+) -> np.ndarray:
+    """Cluster unit vectors by cosine distance; labels ``(rows,)`` in ``0..n_clusters-1``.
+
+    Raises:
+        ConfigError: bad ``n_clusters`` or ``method``, or scikit-learn missing.
+    """
+    n = len(vectors)
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or not 1 <= n_clusters <= n:
+        raise ConfigError(f"n_clusters={n_clusters!r} must be an integer between 1 and {n} rows")
+    try:
+        from sklearn.cluster import AgglomerativeClustering, KMeans
+    except ImportError:
+        raise ConfigError("clustering needs scikit-learn: pip install 'tracin[analysis]'") from None
+    if method == "agglomerative":
+        distance = np.clip(1.0 - vectors @ vectors.T, 0.0, 2.0)
+        model = AgglomerativeClustering(
+            n_clusters=n_clusters, metric="precomputed", linkage="average"
+        )
+        return np.asarray(model.fit_predict(distance), dtype=np.int64)
+    if method == "kmeans":
+        km = KMeans(n_clusters=n_clusters, n_init=4, random_state=seed)
+        return np.asarray(km.fit_predict(vectors), dtype=np.int64)
+    raise ConfigError(f"method={method!r}; expected 'agglomerative' or 'kmeans'")
+
+
+def embedding_neighbors(
+    queries: np.ndarray, train: np.ndarray, k: int
+) -> tuple[Neighbors, Neighbors]:
+    """Nearest (most cosine-similar) and farthest training rows per query; scores are cosines."""
+    if queries.ndim != 2 or queries.shape[1] != train.shape[1]:
+        raise ConfigError(
+            f"query embeddings of shape {queries.shape} do not match the training embeddings' "
+            f"width {train.shape[1]}"
+        )
+    sims = _unit(np.asarray(queries, np.float64)) @ _unit(np.asarray(train, np.float64)).T
+    return top_k(sims, k, largest=True), top_k(sims, k, largest=False)
