@@ -159,7 +159,11 @@ def test_kronecker_projection_is_the_kronecker_product_of_the_exact_gradient():
     expected = torch.einsum("bij,ik,jl->bkl", g0, p_out, p_in).reshape(6, -1)
     torch.testing.assert_close(feats[:, :16], expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(sq, exact.pow(2).sum(1), rtol=1e-12, atol=0)
-    assert eng.dim() == 32
+    # layer 2 has 3 outputs (< 4): its output side stays exact, only its 8 inputs are projected
+    assert eng.dim() == 16 + 3 * 4 and feats.shape == (6, 28)
+    g2 = torch.cat([exact[:, 42:63].reshape(6, 3, 7), exact[:, 63:66].reshape(6, 3, 1)], 2)
+    p_in2 = eng._matrix(9, 1, 0, 8).double()
+    torch.testing.assert_close(feats[:, 16:], (g2 @ p_in2).reshape(6, -1), rtol=1e-10, atol=1e-12)
 
 
 def test_kronecker_inner_products_converge():

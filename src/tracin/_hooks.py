@@ -49,6 +49,16 @@ class _Layer:
     outputs: list[torch.Tensor] = field(default_factory=list)
 
 
+def _layer_shape(layer: _Layer) -> tuple[int, int]:
+    """``(out, in)`` of the layer's gradient matrix ``G`` (bias column included in ``in``)."""
+    weight = layer.module.weight
+    assert isinstance(weight, torch.Tensor)
+    if isinstance(layer.module, nn.Embedding):
+        return int(weight.shape[1]), int(weight.shape[0])  # G^T: (dim, rows) as d a^T
+    n_in = int(weight[0].numel()) + (1 if layer.bias is not None else 0)
+    return int(weight.shape[0]), n_in
+
+
 def _conv_ok(module: nn.Module) -> bool:
     return (
         isinstance(module, nn.Conv1d | nn.Conv2d)
@@ -204,8 +214,16 @@ class FactoredEngine:
             return sum(self.sizes.values())
         if self.projection.kind == "last_layer":
             return self.split() + int(self._weight_shape()[0])
+        return sum(o * i for o, i in (self._sides(layer) for layer in self.layers))
+
+    def _sides(self, layer: _Layer) -> tuple[int, int]:
+        """Projected ``(k_out, k_in)`` of a layer.
+
+        A side no larger than the projection is kept exact (identity): small layers lose nothing.
+        """
+        n_out, n_in = _layer_shape(layer)
         side = self._side()
-        return len(self.layers) * side * side
+        return min(n_out, side), min(n_in, side)
 
     def split(self) -> int:
         """For ``last_layer``: how many leading columns hold ``a`` (bias column included)."""
@@ -313,9 +331,14 @@ class FactoredEngine:
     def _kron(
         self, layer: _Layer, a: torch.Tensor, d: torch.Tensor, emb: int | None, checkpoint: int
     ) -> torch.Tensor:
-        n_in = emb if emb is not None else a.shape[-1]
-        p_in = self._matrix(checkpoint, layer.index, 0, n_in).to(d.dtype)
-        p_out = self._matrix(checkpoint, layer.index, 1, d.shape[-1]).to(d.dtype)
-        a_proj = p_in[a] if emb is not None else a.to(d.dtype) @ p_in  # (B, T, k_in)
-        d_proj = d @ p_out  # (B, T, k_out)
+        n_out, n_in = _layer_shape(layer)
+        k_out, k_in = self._sides(layer)
+        if k_in < n_in:
+            p_in = self._matrix(checkpoint, layer.index, 0, n_in).to(d.dtype)
+            a_proj = p_in[a] if emb is not None else a.to(d.dtype) @ p_in  # (B, T, k_in)
+        else:  # exact: the layer is no wider than the projection
+            a_proj = F.one_hot(a, n_in).to(d.dtype) if emb is not None else a.to(d.dtype)
+        d_proj = (
+            d @ self._matrix(checkpoint, layer.index, 1, n_out).to(d.dtype) if k_out < n_out else d
+        )
         return torch.bmm(d_proj.transpose(1, 2), a_proj).reshape(a.shape[0], -1)
