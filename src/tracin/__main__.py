@@ -1,7 +1,5 @@
 """``python -m tracin``."""
 
-import sys
-
 from tracin._cli import main
 
-sys.exit(main())
+main()

@@ -156,7 +156,8 @@ def featurize(
             no model).
         query_task: task whose query score is used for ``queries`` (default: ``task``).
         overwrite: replace an existing store made with a different configuration.
-        progress: optional callback ``(stage, rows_done, total_rows)``.
+        progress: optional callback ``progress(stage, advance, total)``: ``advance`` more rows of
+            ``total`` are done in ``stage`` (e.g. ``"train ckpt_3"``); the CLI draws bars with it.
 
     Raises:
         TracInError: for any bad input, with the value and the fix in the message.
@@ -253,7 +254,7 @@ def _stream_sqnorms(
             rows.append(sq)
             start += g.shape[0]
             if progress is not None:
-                progress(f"train {checkpoint.id}", start, n)
+                progress(f"train {checkpoint.id}", g.shape[0], n)
         if start != n:
             raise DataError(f"the training data yielded {start} rows, expected {n}")
         norms.append(np.concatenate(rows))

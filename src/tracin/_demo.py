@@ -20,7 +20,6 @@ from torch.utils.data import TensorDataset
 
 import tracin
 from tracin._errors import ConfigError
-from tracin._scoring import top_k
 
 __all__ = ["DemoCNN", "run_demo"]
 
@@ -97,17 +96,54 @@ def _train(data: dict[str, Any], out: Path, seed: int) -> tuple[nn.Module, list[
 
 def _recall(scores: np.ndarray, is_flipped: np.ndarray) -> list[float]:
     order = np.argsort(-scores, kind="stable")
-    found = []
-    for frac in FRACTIONS:
-        top = order[: round(frac * len(scores))]
-        found.append(float(is_flipped[top].sum() / is_flipped.sum()))
-    return found
+    return [
+        float(is_flipped[order[: round(frac * len(scores))]].sum() / is_flipped.sum())
+        for frac in FRACTIONS
+    ]
+
+
+def _losses(model: nn.Module, paths: list[Path], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Per-example training loss at every checkpoint, shape ``(C, N)`` (baselines)."""
+    out = []
+    net = DemoCNN().eval()
+    for path in paths:
+        net.load_state_dict(torch.load(path, weights_only=True)["model_state_dict"])
+        with torch.no_grad():
+            out.append(nn.functional.cross_entropy(net(x), y, reduction="none").numpy())
+    return np.stack(out)
+
+
+def _progress_bar(progress: Any) -> Any:
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, advance: int, total: int | None) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(f"featurize {stage}", total=total)
+        progress.advance(tasks[stage], advance)
+
+    return update
+
+
+def _pick_queries(model: nn.Module, data: dict[str, Any]) -> tuple[list[int], list[str]]:
+    with torch.no_grad():
+        pred = model.eval()(data["x_test"]).argmax(1)
+    truth = data["y_test"]
+    right = torch.nonzero(pred == truth).flatten().tolist()[:3]
+    wrong = torch.nonzero(pred != truth).flatten().tolist()[:3]
+    rows = right + wrong
+    captions = [f"{'correct' if pred[i] == truth[i] else 'MISCLASSIFIED'}: predicted "
+                f"{int(pred[i])}, label {int(truth[i])}" for i in rows]  # fmt: skip
+    return rows, captions
 
 
 def run_demo(out_dir: str, seed: int) -> int:
-    """Run the demo into ``out_dir``; print a summary. Returns the exit status."""
+    """Run the demo into ``out_dir``; print a summary and the report's path. Returns 0."""
     from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
+
+    from tracin._explain import compose_report
+    from tracin._report import write_report
 
     console = Console()
     out = Path(out_dir)
@@ -115,48 +151,67 @@ def run_demo(out_dir: str, seed: int) -> int:
     with console.status("training a small CNN on digits with 10% flipped labels"):
         data = _data(seed)
         model, paths = _train(data, out / "checkpoints", seed)
-    console.print(f"trained {EPOCHS} epochs, {len(paths)} checkpoints in {out / 'checkpoints'}")
+    console.print(f"trained {EPOCHS} epochs: {len(paths)} checkpoints with their lr in "
+                  f"{out / 'checkpoints'}")  # fmt: skip
     task = tracin.ClassificationTask()
     ckpts = tracin.Checkpoints.from_paths(paths, lr="lr")
     train = TensorDataset(data["x_train"], data["y_train"])
-    with console.status("featurizing: per-example gradients at every checkpoint"):
-        run = tracin.featurize(model, task, ckpts, train, batch_size=256)
+    test = TensorDataset(data["x_test"], data["y_test"])
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+               "{task.total}"), TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as bars:
+        run = tracin.featurize(
+            model, task, ckpts, train, store=out / "store", proj_dim=1024,
+            projection="kronecker", dtype="float16", embedding_layer="fc1",
+            queries={"test": test}, batch_size=256, overwrite=True,
+            progress=_progress_bar(bars),
+        )  # fmt: skip
     self_inf = run.self_influence()
-    with torch.no_grad():
-        loss = task.train_loss(model.eval(), (data["x_train"], data["y_train"])).numpy()
+    losses = _losses(model, paths, data["x_train"], data["y_train"])
+    rankings = {"TracIn self-influence": self_inf, "final loss": losses[-1],
+                "loss summed over checkpoints": losses.sum(0)}  # fmt: skip
+    recall = {name: _recall(scores, data["is_flipped"]) for name, scores in rankings.items()}
     table = Table(title="flipped labels found among the top-ranked training examples")
     table.add_column("ranking")
     for frac in FRACTIONS:
         table.add_column(f"top {frac:.0%}", justify="right")
-    rows = {"TracIn self-influence": _recall(self_inf, data["is_flipped"]),
-            "final loss": _recall(loss, data["is_flipped"])}  # fmt: skip
-    for name, found in rows.items():
+    for name, found in recall.items():
         table.add_row(name, *(f"{f:.2f}" for f in found))
     console.print(table)
 
-    queries = (data["x_test"][:4], data["y_test"][:4])
-    scores = run.influence(queries)  # one pass serves both proponents and opponents
-    props, opps = top_k(scores, 3, largest=True), top_k(scores, 3, largest=False)
-    explain = Table(title="proponents and opponents of 4 test images (train row: label)")
-    for col in ("query label", "proponents", "opponents"):
-        explain.add_column(col)
-    for q in range(4):
-        fmt = [
-            ", ".join(f"{i}:{int(data['y_train'][i])}{'*' if data['is_flipped'][i] else ''}"
-                      for i in nb.indices[q])
-            for nb in (props, opps)
-        ]  # fmt: skip
-        explain.add_row(str(int(queries[1][q])), *fmt)
-    console.print(explain)
-    console.print("* = a flipped label")
-    summary = {
-        "recall": {
-            name: dict(zip(map(str, FRACTIONS), v, strict=True)) for name, v in rows.items()
-        },
-        "proponents": props.indices.tolist(),
-        "opponents": opps.indices.tolist(),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    rows, captions = _pick_queries(model, data)
+    flipped = data["is_flipped"]
+
+    def render(split: str, i: int) -> dict[str, Any]:
+        x, y = (
+            (data["x_train"], data["y_train"])
+            if split == "train"
+            else (data["x_test"], data["y_test"])
+        )
+        return {"label": f"label {int(y[i])}", "image": x[i, 0].numpy()}
+
+    def flag(i: int) -> str:
+        return f"flipped (true {int(data['y_clean'][i])})" if flipped[i] else ""
+
+    cls = 8
+    baselines = {k: v for k, v in rankings.items() if k != "TracIn self-influence"}
+    with console.status("writing the report"):
+        report = compose_report(
+            run, render, title="tracin demo: digits with 10% flipped labels",
+            subtitle=f"{len(train)} training images, {EPOCHS} checkpoints (lr 0.1, then 0.01), "
+            "TracIn-RP features (Kronecker, per layer), exact self-influence",
+            query_split="test", query_rows=rows, query_captions=captions, k=6, gallery=30,
+            flipped=flipped, flag=flag, baselines=baselines,
+            cluster_rows=np.flatnonzero(data["y_train"].numpy() == cls).tolist(), n_clusters=4,
+            cluster_title=f"Training images labelled {cls}, clustered by TracIn similarity",
+            summary=[["ranking", *(f"top {f:.0%}" for f in FRACTIONS)],
+                     *([name, *(f"{v:.2f}" for v in found)] for name, found in recall.items())],
+        )  # fmt: skip
+        path = write_report(report, out / "report" / "index.html")
+    seconds = round(time.perf_counter() - t0, 1)
+    summary = {"recall": {name: dict(zip(map(str, FRACTIONS), v, strict=True))
+                          for name, v in recall.items()},
+               "queries": rows, "seconds": seconds, "report": str(path)}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"done in {summary['seconds']} s; results in {out / 'summary.json'}")
+    console.print(f"done in {seconds} s. Report: {path.resolve()}")
     return 0

@@ -1,0 +1,159 @@
+"""Compose the report from a run: the self-influence gallery, explanations, recall plot, clusters.
+
+Works from the store alone: the caller supplies a renderer ``render(split, index) -> dict`` with
+``label`` and one of ``image`` (an array), ``text`` or ``row`` (a mapping), so the report shows
+the examples themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from tracin._errors import ConfigError
+from tracin._report import Example, Explanation, Plot, Report, figure_uri, image_uri
+from tracin._run import Run
+from tracin._scoring import Neighbors
+from tracin._store import StoreError
+
+__all__ = ["Renderer", "compose_report", "recall_curve"]
+
+Renderer = Callable[[str, int], Mapping[str, Any]]
+
+
+def example(render: Renderer, split: str, index: int, score: float | None = None,
+            flag: str = "") -> Example:  # fmt: skip
+    """An `Example` from the user's renderer output."""
+    view = render(split, int(index))
+    if not isinstance(view, Mapping) or "label" not in view:
+        raise ConfigError(
+            f"render({split!r}, {index}) returned {type(view).__name__}; it must return a dict "
+            "with 'label' and one of 'image' (array), 'text' (str) or 'row' (dict)"
+        )
+    image = view.get("image")
+    return Example(
+        index=int(index), label=str(view["label"]), score=score, flag=flag,
+        image=None if image is None else image_uri(np.asarray(image)),
+        text=None if view.get("text") is None else str(view["text"]),
+        row=None if view.get("row") is None else {str(k): str(v) for k, v in view["row"].items()},
+    )  # fmt: skip
+
+
+def recall_curve(scores: np.ndarray, is_flagged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fraction of flagged rows found vs fraction inspected, ranking by descending score."""
+    order = np.argsort(-scores, kind="stable")
+    found = np.cumsum(is_flagged[order]) / max(1, int(is_flagged.sum()))
+    inspected = np.arange(1, len(scores) + 1) / len(scores)
+    return inspected, found
+
+
+def _recall_plot(rankings: Mapping[str, np.ndarray], is_flagged: np.ndarray) -> Plot:
+    def draw(ax: Any) -> None:
+        for name, scores in rankings.items():
+            x, y = recall_curve(scores, is_flagged)
+            ax.plot(x, y, label=name)
+        ax.plot([0, 1], [0, 1], ":", color="grey", label="random")
+        ax.set_xlim(0, 0.5)
+        ax.set_xlabel("fraction of training data inspected")
+        ax.set_ylabel("fraction of flipped labels found")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+
+    return Plot(figure_uri(draw), "Flipped labels found when inspecting examples in rank order")
+
+
+def _row(render: Renderer, nb: Neighbors, q: int, flags: Callable[[int], str]) -> list[Example]:
+    return [example(render, "train", i, float(s), flags(int(i)))
+            for i, s in zip(nb.indices[q], nb.scores[q], strict=True)]  # fmt: skip
+
+
+def compose_report(
+    run: Run,
+    render: Renderer,
+    *,
+    title: str,
+    subtitle: str = "",
+    query_split: str | None = None,
+    query_rows: Sequence[int] = (),
+    query_captions: Sequence[str] = (),
+    k: int = 6,
+    gallery: int = 24,
+    flipped: np.ndarray | None = None,
+    flag: Callable[[int], str] | None = None,
+    baselines: Mapping[str, np.ndarray] | None = None,
+    cluster_rows: Sequence[int] | None = None,
+    n_clusters: int = 4,
+    cluster_title: str = "Clusters",
+    summary: Sequence[Sequence[Any]] = (),
+) -> Report:
+    """Build the report for ``run``.
+
+    Args:
+        run: a featurized run (query splits and embeddings stored for the explanations).
+        render: ``render(split, index) -> {"label", "image" | "text" | "row"}``.
+        title: page title.
+        subtitle: a line under the title.
+        query_split: stored split whose rows ``query_rows`` are explained.
+        query_rows: rows of ``query_split`` to explain.
+        query_captions: a caption per query (e.g. "predicted 3, true 5").
+        k: examples per row of proponents, opponents and embedding neighbours.
+        gallery: how many top self-influence examples to show.
+        flipped: ground truth of mislabelled training rows, if known (plots a recall curve).
+        flag: ``flag(train_index) -> str`` warning shown on an example ('' for none).
+        baselines: other rankings to plot beside self-influence (e.g. final loss).
+        cluster_rows: training rows to cluster by TracIn similarity.
+        n_clusters: number of clusters.
+        cluster_title: heading of the clusters section.
+        summary: table rows ``(name, value, ...)`` shown first.
+    """
+    flags = flag or (lambda i: "")
+    report = Report(title=title, subtitle=subtitle, summary=[list(r) for r in summary],
+                    clusters_title=cluster_title)  # fmt: skip
+    self_inf = run.self_influence()
+    top = np.argsort(-self_inf, kind="stable")[:gallery]
+    report.gallery = [example(render, "train", i, float(self_inf[i]), flags(int(i))) for i in top]
+    if flipped is not None:
+        rankings = {"TracIn self-influence": self_inf, **(baselines or {})}
+        report.plots.append(_recall_plot(rankings, np.asarray(flipped, dtype=bool)))
+    if query_split is not None and len(query_rows):
+        report.explanations = _explanations(run, render, query_split, query_rows,
+                                            query_captions, k, flags)  # fmt: skip
+    if cluster_rows is not None and len(cluster_rows) >= n_clusters:
+        rows = np.asarray(cluster_rows, dtype=np.int64)
+        labels = run.cluster(n_clusters, rows=rows)
+        for c in range(n_clusters):
+            members = rows[labels == c]
+            members = members[np.argsort(-self_inf[members], kind="stable")][:16]
+            report.clusters.append((f"cluster {c + 1} ({int((labels == c).sum())} rows)",
+                                    [example(render, "train", i, None, flags(int(i)))
+                                     for i in members]))  # fmt: skip
+    return report
+
+
+def _explanations(
+    run: Run,
+    render: Renderer,
+    split: str,
+    rows: Sequence[int],
+    captions: Sequence[str],
+    k: int,
+    flags: Callable[[int], str],
+) -> list[Explanation]:
+    props, opps = run.neighbors(split, k)
+    has_embeddings = True
+    try:
+        near, far = run.embedding_neighbors(split, k)
+    except StoreError:  # no embeddings stored: the baseline rows are left out
+        has_embeddings = False
+    out = []
+    for j, q in enumerate(rows):
+        lines = [("TracIn proponents", _row(render, props, q, flags)),
+                 ("TracIn opponents", _row(render, opps, q, flags))]  # fmt: skip
+        if has_embeddings:
+            lines += [("embedding: nearest", _row(render, near, q, flags)),
+                      ("embedding: farthest", _row(render, far, q, flags))]  # fmt: skip
+        caption = captions[j] if j < len(captions) else ""
+        out.append(Explanation(example(render, split, q), caption, lines))
+    return out
