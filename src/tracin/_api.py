@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 import tracin
@@ -156,6 +157,10 @@ def featurize(
             no model).
         query_task: task whose query score is used for ``queries`` (default: ``task``).
         overwrite: replace an existing store made with a different configuration.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``; initialise the process group first), the
+    store's blocks are split across ranks (rank ``r`` computes blocks ``r, r + W, ...``); every
+    rank returns the complete run, identical to a single-process one.
         progress: optional callback ``progress(stage, advance, total)``: ``advance`` more rows of
             ``total`` are done in ``stage`` (e.g. ``"train ckpt_3"``); the CLI draws bars with it.
 
@@ -201,13 +206,19 @@ def featurize(
                               "fingerprint": data_fingerprint(d, batch_size)}
                        for name, (d, _) in splits.items()},
         }  # fmt: skip
-        _reconcile(feature_store, manifest, overwrite)
-        feature_store.remove_temp_files()
-        feature_store.write_manifest(manifest)
+        shard = _shard()
+        _reconcile(feature_store, manifest, overwrite and shard[0] == 0)
+        _barrier(shard)  # every rank has checked the store before rank 0 changes it
+        if shard[0] == 0:
+            feature_store.remove_temp_files()
+            feature_store.write_manifest(manifest)
+        _barrier(shard)
         for name, (data, score) in splits.items():
             n_rows = int(manifest["splits"][name]["n_rows"])
-            source.fill(feature_store, name, checkpoints, score, data, n_rows, config, progress)
-        _embed(source, feature_store, splits, checkpoints, embedding_layer, config)
+            source.fill(feature_store, name, checkpoints, score, data, n_rows, config, progress,
+                        shard)  # fmt: skip
+        _embed(source, feature_store, splits, checkpoints, embedding_layer, config, shard)
+        _barrier(shard)  # the store is complete on every rank
     split_rows = {k: int(v["n_rows"]) for k, v in manifest["splits"].items()}
     return Run(store=feature_store, split_rows=split_rows, **common)
 
@@ -219,13 +230,27 @@ def _embed(
     checkpoints: Checkpoints,
     layer: str | None,
     config: RunConfig,
+    shard: tuple[int, int] = (0, 1),
 ) -> None:
     """Store every split's ``layer`` activations at the last checkpoint (the final model)."""
     if layer is None:
         return
     for name, (data, score) in splits.items():
         n_rows = count_rows(data, config.batch_size)
-        source.embed(store, name, checkpoints[-1], layer, score, data, n_rows, config)
+        source.embed(store, name, checkpoints[-1], layer, score, data, n_rows, config, shard)
+
+
+def _shard() -> tuple[int, int]:
+    """``(rank, world_size)`` under ``torch.distributed`` (e.g. torchrun), else ``(0, 1)``."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(shard: tuple[int, int]) -> None:
+    if shard[1] > 1:
+        torch.distributed.barrier()
 
 
 def _check_first_batch(

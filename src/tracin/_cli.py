@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
+import torch
 import typer
 from rich.console import Console
 
@@ -111,7 +113,12 @@ def featurize(
     seed: Annotated[int, typer.Option(help="projection seed")] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace a store made differently")] = False,
 ) -> None:
-    """Compute per-example gradient features of the spec's train and query data into a store."""
+    """Compute per-example gradient features of the spec's train and query data into a store.
+
+    Under torchrun (``torchrun --nproc_per_node N -m tracin featurize ...``) the store's blocks
+    are split across the processes (gloo on CPU, nccl on GPUs); the store is the same as a
+    single-process run's, and a rerun after a crash computes only the missing blocks.
+    """
     from rich.progress import Progress
 
     from tracin._spec import load_spec
@@ -122,7 +129,8 @@ def featurize(
         if not dataclasses.is_dataclass(s.task) or not hasattr(s.task, "query"):
             raise ConfigError("--query-score prediction needs a ClassificationTask/RegressionTask")
         query_task = dataclasses.replace(s.task, query=query_score)
-    with Progress(console=console, transient=True) as bars:
+    rank = _init_distributed()
+    with Progress(console=console, transient=True, disable=rank != 0) as bars:
         tasks: dict[str, Any] = {}
 
         def progress(stage: str, advance: int, total: int | None) -> None:
@@ -137,8 +145,21 @@ def featurize(
             embedding_layer=s.embedding_layer, queries=s.queries, query_task=query_task,
             overwrite=overwrite, progress=progress,
         )  # fmt: skip
-    console.print(f"featurized {run.n_train} training rows x {len(run.lrs)} checkpoints "
-                  f"into {store}; splits: {sorted(run.split_rows)}")  # fmt: skip
+    if rank == 0:
+        console.print(f"featurized {run.n_train} training rows x {len(run.lrs)} checkpoints "
+                      f"into {store}; splits: {sorted(run.split_rows)}")  # fmt: skip
+    if rank >= 0 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _init_distributed() -> int:
+    """Join the process group when started by torchrun (``WORLD_SIZE`` > 1); returns the rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return int(torch.distributed.get_rank())
 
 
 @app.command("self-influence")

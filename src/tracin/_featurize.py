@@ -235,10 +235,14 @@ class GradientSource:
         n_rows: int,
         config: RunConfig,
         progress: Any = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
-        """Compute every missing block of ``split`` for every checkpoint and write it."""
+        """Compute every missing block of ``split`` for every checkpoint and write it.
+
+        With ``shard=(rank, world)``, only blocks ``rank, rank + world, ...`` are computed.
+        """
         for checkpoint in checkpoints:
-            todo = _missing(store, split, checkpoint.id, n_rows, config.block_rows)
+            todo = _missing(store, split, checkpoint.id, n_rows, config.block_rows, shard)
             if not todo:
                 continue
             weights = self.weights(checkpoint)
@@ -261,9 +265,10 @@ class GradientSource:
         data: Data | Batch,
         n_rows: int,
         config: RunConfig,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         """Store the output of module ``layer`` (flattened per example) at ``checkpoint``."""
-        todo = _missing(store, split, EMBEDDING, n_rows, config.block_rows)
+        todo = _missing(store, split, EMBEDDING, n_rows, config.block_rows, shard)
         if not todo:
             return
         module = dict(self.model.named_modules()).get(layer)
@@ -294,9 +299,21 @@ class GradientSource:
             handle.remove()
 
 
-def _missing(store: FeatureStore, split: str, key: str, n_rows: int, block_rows: int) -> list[int]:
+def _missing(
+    store: FeatureStore,
+    split: str,
+    key: str,
+    n_rows: int,
+    block_rows: int,
+    shard: tuple[int, int] = (0, 1),
+) -> list[int]:
+    rank, world = shard
     rows_of = _block_sizes(n_rows, block_rows)
-    return [k for k, rows in enumerate(rows_of) if not store.is_valid(split, key, k, rows)]
+    return [
+        k
+        for k, rows in enumerate(rows_of)
+        if k % world == rank and not store.is_valid(split, key, k, rows)
+    ]
 
 
 def _write_blocks(
