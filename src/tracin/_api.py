@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import tracin
-from tracin._batch import Batch, Data, iter_batches, map_tensors
+from tracin._batch import Batch, Data, batch_size, iter_batches, map_tensors
 from tracin._checkpoints import Checkpoint, Checkpoints
 from tracin._engine import functional_model
 from tracin._errors import ConfigError, DataError
@@ -24,6 +24,7 @@ from tracin._featurize import (
     data_fingerprint,
     device_of,
     make_engine,
+    model_errors,
     model_fingerprint,
 )
 from tracin._hooks import FactoredEngine
@@ -70,6 +71,15 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')} ({old!r} -> {new!r})"]
 
 
+def _check_schema(root: Path | None, manifest: Mapping[str, Any]) -> None:
+    if manifest.get("schema") != SCHEMA_VERSION:
+        raise StoreError(
+            f"store {root} has schema {manifest.get('schema')!r} (written by tracin "
+            f"{manifest.get('tracin_version')}); this tracin {tracin.__version__} reads schema "
+            f"{SCHEMA_VERSION}: featurize again with overwrite=True"
+        )
+
+
 def _reconcile(store: FeatureStore, manifest: dict[str, Any], overwrite: bool) -> None:
     """Check a new manifest against the one on disk; raise naming what differs."""
     old = store.read_manifest()
@@ -80,12 +90,7 @@ def _reconcile(store: FeatureStore, manifest: dict[str, Any], overwrite: bool) -
         assert root is not None
         shutil.rmtree(root / "features", ignore_errors=True)
         return
-    if old.get("schema") != SCHEMA_VERSION:
-        raise StoreError(
-            f"store {root} has schema {old.get('schema')!r} (tracin {old.get('tracin_version')}); "
-            f"this tracin {tracin.__version__} reads schema {SCHEMA_VERSION}: featurize again "
-            "with overwrite=True"
-        )
+    _check_schema(root, old)
     keys = ("config", "model", "embedding_layer")
     diffs = _diff({k: old.get(k) for k in keys}, {k: manifest[k] for k in keys})
     hashes = {c["id"]: c["sha256"] for c in old.get("checkpoints", [])}
@@ -261,7 +266,8 @@ def _check_first_batch(
         raise DataError("the training data is empty; featurize needs at least one row")
     batch = map_tensors(lambda t: t.to(device_of(source.model)), batch)
     model = functional_model(source.model, source.weights(first_ckpt))
-    check_task(task, model, batch, ("train_loss",))
+    with model_errors("train", 0, batch_size(batch), first_ckpt.id):
+        check_task(task, model, batch, ("train_loss",))
     return count_rows(data, source.batch_size)
 
 
@@ -306,11 +312,7 @@ def open(
     manifest = store.read_manifest()
     if manifest is None:
         raise StoreError(f"{root} holds no tracin store (no manifest.json); run featurize first")
-    if manifest.get("schema") != SCHEMA_VERSION:
-        raise StoreError(
-            f"store {root} has schema {manifest.get('schema')!r}; this tracin reads "
-            f"{SCHEMA_VERSION}: featurize again with overwrite=True"
-        )
+    _check_schema(root, manifest)
     cfg = manifest["config"]
     proj = ProjectionConfig(**cfg["projection"])
     config = RunConfig(tuple(cfg["parameters"]), proj, cfg["dtype"], cfg["block_rows"], batch_size,

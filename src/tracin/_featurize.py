@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "data_fingerprint",
     "device_of",
     "make_engine",
+    "model_errors",
     "model_fingerprint",
 ]
 
@@ -166,6 +168,20 @@ def count_rows(data: Data | Batch, size: int) -> int:
         return sum(batch_size(b) for b in iter_batches(data, size))
 
 
+@contextmanager
+def model_errors(stage: str, start: int, n: int, ckpt_id: str) -> Iterator[None]:
+    """Turn an exception from inside the user's model or task into a `DataError` naming rows."""
+    try:
+        yield
+    except (RuntimeError, IndexError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"the model or task failed on {stage} rows {start}..{start + n - 1} at checkpoint "
+            f"{ckpt_id!r}: {first}. Check those rows' shapes, dtypes and label range against "
+            "the training data the model was built for"
+        ) from exc
+
+
 class GradientSource:
     """Per-example features of a model at its checkpoints.
 
@@ -195,7 +211,8 @@ class GradientSource:
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Features ``(B, dim)`` and squared norms of one batch; non-finite rows are an error."""
         batch = map_tensors(lambda t: t.to(device_of(self.model)), batch)
-        feats, sq = self.engine.features(weights, score, batch, checkpoint_key(checkpoint.id))
+        with model_errors(stage, start, batch_size(batch), checkpoint.id):
+            feats, sq = self.engine.features(weights, score, batch, checkpoint_key(checkpoint.id))
         bad = ~(torch.isfinite(feats).all(dim=1) & torch.isfinite(sq))
         if bool(bad.any()):
             rows = (torch.nonzero(bad).flatten() + start).tolist()

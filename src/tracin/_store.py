@@ -146,11 +146,18 @@ class FeatureStore:
         f_path, s_path, meta = self._paths(split, ckpt_id, block)
         meta.unlink(missing_ok=True)  # the block is absent until its metadata is back
         f_bytes, s_bytes = _npy_bytes(features), _npy_bytes(sqnorm.astype(np.float64))
-        atomic_write(f_path, f_bytes)
-        atomic_write(s_path, s_bytes)
         info = {"rows": len(sqnorm), "features_sha256": _sha256(f_bytes),
                 "sqnorm_sha256": _sha256(s_bytes)}  # fmt: skip
-        atomic_write(meta, json.dumps(info).encode())
+        try:
+            atomic_write(f_path, f_bytes)
+            atomic_write(s_path, s_bytes)
+            atomic_write(meta, json.dumps(info).encode())
+        except OSError as exc:
+            raise StoreError(
+                f"could not write block {block} of {split}/ckpt_{ckpt_id} in {self.root} "
+                f"({exc.strerror or exc}); every block written before is intact: free space "
+                "and run featurize again, it resumes from there"
+            ) from exc
 
     def _verify(self, path: Path, expected: str, what: str) -> None:
         stat = path.stat()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from tracin._batch import Batch, Key, batch_size, select, slice_batch
-from tracin._errors import ConfigError, TaskError
+from tracin._errors import ConfigError, DataError, TaskError
 
 __all__ = ["ClassificationTask", "RegressionTask", "Task", "check_task"]
 
@@ -144,12 +144,12 @@ class ClassificationTask(_SupervisedTask):
             return F.binary_cross_entropy_with_logits(
                 logits.reshape(-1), y.reshape(-1).to(logits.dtype), reduction="none"
             )
-        if y.dtype.is_floating_point:
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise TaskError(
                 f"class labels have dtype {y.dtype}; cross-entropy needs integer class indices "
                 "(convert with labels.long())"
             )
-        return F.cross_entropy(logits, y, reduction="none")
+        return F.cross_entropy(logits, y.long(), reduction="none")
 
     def query_score(self, model: Model, batch: Batch) -> torch.Tensor:
         """The loss, or the logit of the chosen/predicted class, shape ``(B,)``."""
@@ -227,6 +227,12 @@ def check_task(
         for name in methods:
             fn = getattr(task, name)
             full = _checked(name, fn(model, batch), n)
+            bad = torch.nonzero(~torch.isfinite(full)).flatten().tolist()
+            if bad:
+                raise DataError(
+                    f"{name} is not finite for rows {bad[:10]} of the first batch; check those "
+                    "examples (NaN/inf inputs or labels)"
+                )
             if n < 2:
                 continue
             part = _checked(name, fn(model, slice_batch(batch, 0, n - 1)), n - 1)
