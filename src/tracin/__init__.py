@@ -15,6 +15,7 @@ gradient of the per-example loss (or of a prediction score, for unlabelled queri
 from tracin._api import featurize, open
 from tracin._checkpoints import Checkpoint, Checkpoints
 from tracin._errors import CheckpointError, ConfigError, DataError, TaskError, TracInError
+from tracin._recorder import CheckpointRecorder, log_spaced_steps
 from tracin._run import Run
 from tracin._scoring import Neighbors
 from tracin._store import StoreError
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Checkpoint",
+    "CheckpointRecorder",
     "CheckpointError",
     "Checkpoints",
     "ClassificationTask",
@@ -39,5 +41,6 @@ __all__ = [
     "__version__",
     "check_task",
     "featurize",
+    "log_spaced_steps",
     "open",
 ]
