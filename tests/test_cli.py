@@ -45,13 +45,14 @@ def render(split, index):
 """
 
 
-@pytest.fixture
-def spec(tmp_path):
+def write_spec(tmp_path, n_train=40, n_query=4, lrs=(0.3, 0.1)):
+    """A spec file, its data and checkpoints (perturbed weights, each with its lr) in tmp_path."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
-    torch.save((x, y, torch.randn(4, 5), torch.randint(0, 3, (4,))), tmp_path / "data.pt")
-    for i, lr in enumerate((0.3, 0.1)):
+    x, y = torch.randn(n_train, 5), torch.randint(0, 3, (n_train,))
+    data = (x, y, torch.randn(n_query, 5), torch.randint(0, 3, (n_query,)))
+    torch.save(data, tmp_path / "data.pt")
+    for i, lr in enumerate(lrs):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(0.1 * torch.randn_like(p))
@@ -61,9 +62,13 @@ def spec(tmp_path):
     return path
 
 
+@pytest.fixture
+def spec(tmp_path):
+    return write_spec(tmp_path)
+
+
 def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result
+    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_featurize_then_score_from_the_store(spec, tmp_path):

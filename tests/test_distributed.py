@@ -5,27 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
-import torch
-from torch import nn
-
-from test_cli import SPEC
-
-
-def make_spec(tmp_path):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-    x, y = torch.randn(100, 5), torch.randint(0, 3, (100,))
-    torch.save((x, y, torch.randn(9, 5), torch.randint(0, 3, (9,))), tmp_path / "data.pt")
-    for i, lr in enumerate((0.3, 0.1, 0.05)):
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        torch.save({"state_dict": net.state_dict(), "lr": lr}, tmp_path / f"ckpt_{i}.pt")
-    path = tmp_path / "spec.py"
-    path.write_text(textwrap.dedent(SPEC))
-    return path
+from test_cli import write_spec
 
 
 def featurize(spec, store, nproc):
@@ -45,7 +26,7 @@ def files(store):
 
 
 def test_torchrun_two_processes_equal_one(tmp_path):
-    spec = make_spec(tmp_path)
+    spec = write_spec(tmp_path, n_train=100, n_query=9, lrs=(0.3, 0.1, 0.05))
     two = featurize(spec, tmp_path / "two", 2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("featurized 100 training rows x 3 checkpoints") == 1  # rank 0 only
