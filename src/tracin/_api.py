@@ -279,13 +279,11 @@ def _stream_sqnorms(
         weights = source.weights(checkpoint)
         rows, start = [], 0
         for batch in iter_batches(data, source.batch_size):
-            g, sq = source.batch_features(
-                weights, task.train_loss, batch, checkpoint, start, "train"
-            )
+            sq = source.batch_sqnorms(weights, task.train_loss, batch, checkpoint, start)
             rows.append(sq)
-            start += g.shape[0]
+            start += len(sq)
             if progress is not None:
-                progress(f"train {checkpoint.id}", g.shape[0], n)
+                progress(f"train {checkpoint.id}", len(sq), n)
         if start != n:
             raise DataError(f"the training data yielded {start} rows, expected {n}")
         norms.append(np.concatenate(rows))

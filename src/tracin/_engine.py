@@ -109,6 +109,12 @@ class FeatureEngine(Protocol):
         """Features ``(B, dim)`` and float64 squared gradient norms ``(B,)``."""
         ...
 
+    def sqnorms(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> torch.Tensor:
+        """Only the float64 squared gradient norms ``(B,)`` (self-influence needs no more)."""
+        ...
+
 
 class FunctionalFeatures:
     """`FunctionalEngine` gradients followed by a `Projector`."""
@@ -127,4 +133,10 @@ class FunctionalFeatures:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected gradients and their exact squared norms."""
         g = self.engine.gradients(weights, score, batch)
-        return self.projector.project(g, checkpoint), g.double().pow(2).sum(dim=1)
+        return self.projector.project(g, checkpoint), g.pow(2).sum(dim=1, dtype=torch.float64)
+
+    def sqnorms(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> torch.Tensor:
+        """Squared gradient norms ``(B,)``, float64."""
+        return self.engine.gradients(weights, score, batch).pow(2).sum(dim=1, dtype=torch.float64)

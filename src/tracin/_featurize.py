@@ -126,6 +126,9 @@ class _Projected:
         g, sq = self.engine.features(weights, score, batch, checkpoint)
         return self.projector.project(g, checkpoint), sq
 
+    def sqnorms(self, weights: Any, score: ScoreFn, batch: Batch) -> torch.Tensor:
+        return self.engine.sqnorms(weights, score, batch)
+
 
 def device_of(model: nn.Module) -> torch.device:
     """Where the model's parameters live (CPU if it has none)."""
@@ -222,6 +225,28 @@ class GradientSource:
                 "checkpoint's weights"
             )
         return feats.detach(), sq.detach().cpu().numpy()
+
+    def batch_sqnorms(
+        self,
+        weights: dict[str, torch.Tensor],
+        score: ScoreFn,
+        batch: Batch,
+        checkpoint: Checkpoint,
+        start: int,
+    ) -> np.ndarray:
+        """Exact squared gradient norms of one batch (no features formed)."""
+        batch = map_tensors(lambda t: t.to(device_of(self.model)), batch)
+        with model_errors("train", start, batch_size(batch), checkpoint.id):
+            sq = self.engine.sqnorms(weights, score, batch)
+        bad = ~torch.isfinite(sq)
+        if bool(bad.any()):
+            rows = (torch.nonzero(bad).flatten() + start).tolist()
+            raise DataError(
+                f"non-finite gradients for train rows {rows[:10]} at checkpoint "
+                f"{checkpoint.id!r}; check those examples (NaN/inf inputs or labels) or the "
+                "checkpoint's weights"
+            )
+        return sq.detach().cpu().numpy()
 
     def features(
         self,

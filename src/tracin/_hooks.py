@@ -154,17 +154,17 @@ def _embedding_grad(idx: torch.Tensor, d: torch.Tensor, rows: int) -> torch.Tens
 
 
 def _sqnorm(a: torch.Tensor, d: torch.Tensor, embedding: int | None) -> torch.Tensor:
-    """Exact ``||sum_t d_t a_t^T||^2`` per example, float64."""
-    d = d.double()
+    """Exact ``||sum_t d_t a_t^T||^2`` per example, in ``d``'s dtype, summed in float64."""
     if embedding is not None:  # rows of G are sums of d over equal indices
-        return _embedding_grad(a, d, embedding).pow(2).sum((1, 2))
-    a = a.double()
+        return _embedding_grad(a, d, embedding).pow(2).sum((1, 2), dtype=torch.float64)
+    a = a.to(d.dtype)
     t, n_in, n_out = a.shape[1], a.shape[2], d.shape[2]
     if t == 1:
-        return a.pow(2).sum((1, 2)) * d.pow(2).sum((1, 2))
+        return a.pow(2).sum((1, 2), dtype=torch.float64) * d.pow(2).sum((1, 2), dtype=torch.float64)
     if t * t * (n_in + n_out) < t * n_in * n_out:
-        return (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
-    return torch.bmm(d.transpose(1, 2), a).pow(2).sum((1, 2))
+        gram = torch.bmm(d, d.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))
+        return gram.sum((1, 2), dtype=torch.float64)
+    return torch.bmm(d.transpose(1, 2), a).pow(2).sum((1, 2), dtype=torch.float64)
 
 
 class FactoredEngine:
@@ -294,7 +294,8 @@ class FactoredEngine:
         kron = []
         for layer, (a, d) in zip(self.layers, captured, strict=True):
             emb = layer.module.num_embeddings if isinstance(layer.module, nn.Embedding) else None
-            sq += _sqnorm(a, d, emb)
+            if self.projection.kind != "identity":
+                sq += _sqnorm(a, d, emb)
             if self.projection.kind == "last_layer":
                 if a.shape[1] != 1:
                     raise TaskError(
@@ -310,12 +311,26 @@ class FactoredEngine:
             return torch.cat(kron, dim=1), sq
         if self.rest is not None:
             g = self.rest.gradients(weights, score, batch)
-            sq += g.double().pow(2).sum(1)
             offset = 0
             for name in self.rest.names:
                 pieces[name] = g[:, offset : offset + self.sizes[name]]
                 offset += self.sizes[name]
+        for piece in pieces.values():  # exact features: the norm is the features' own
+            sq += piece.pow(2).sum(1, dtype=torch.float64)
         return torch.cat([pieces[n] for n in self.names], dim=1), sq
+
+    def sqnorms(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> torch.Tensor:
+        """Exact squared gradient norms ``(B,)`` (float64) without forming any gradient."""
+        captured = self._captured(weights, score, batch)
+        sq = torch.zeros(captured[0][0].shape[0], dtype=torch.float64)
+        for layer, (a, d) in zip(self.layers, captured, strict=True):
+            emb = layer.module.num_embeddings if isinstance(layer.module, nn.Embedding) else None
+            sq += _sqnorm(a, d, emb)
+        if self.rest is not None:
+            sq += self.rest.gradients(weights, score, batch).pow(2).sum(1, dtype=torch.float64)
+        return sq
 
     def _exact(
         self, layer: _Layer, a: torch.Tensor, d: torch.Tensor, emb: int | None
