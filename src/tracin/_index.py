@@ -189,9 +189,13 @@ class FaissIndex:
         """Change search-time parameters: IVF ``nprobe``, HNSW ``ef_search``."""
         if nprobe is not None:
             _positive(nprobe=nprobe)
-            _faiss().extract_index_ivf(self.index).nprobe = nprobe
+            if not hasattr(self.index, "nprobe"):
+                raise ConfigError(f"nprobe={nprobe}: this is not an IVF index")
+            self.index.nprobe = nprobe
         if ef_search is not None:
             _positive(ef_search=ef_search)
+            if not hasattr(self.index, "hnsw"):
+                raise ConfigError(f"ef_search={ef_search}: this is not an HNSW index")
             self.index.hnsw.efSearch = ef_search
 
     def search(self, queries: np.ndarray, k: int) -> Neighbors:

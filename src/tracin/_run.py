@@ -26,7 +26,14 @@ from tracin._checkpoints import Checkpoints
 from tracin._errors import ConfigError, DataError
 from tracin._featurize import GradientSource, RunConfig
 from tracin._params import eval_mode
-from tracin._scoring import Neighbors, fold, lr_weighted_sum, merge_top_k, top_k
+from tracin._scoring import (
+    Neighbors,
+    fold,
+    lr_scaled_concat,
+    lr_weighted_sum,
+    merge_top_k,
+    top_k,
+)
 from tracin._store import EMBEDDING, FeatureStore, StoreError
 from tracin._task import Task
 
@@ -145,15 +152,31 @@ class Run:
         Blocks are converted to float32 (float64 for a float64 store) before multiplying: a
         float16 matrix multiply is far slower on CPUs, and scores accumulate in float32 or better.
         """
-        dtype = np.float64 if self.config.dtype == "float64" else np.float32
-        queries = [q.to(torch.float64 if dtype == np.float64 else torch.float32) for q in q_feats]
+        dtype = torch.float64 if self.config.dtype == "float64" else torch.float32
+        queries = [q.to(dtype) for q in q_feats]
+        if self.config.projection.kind == "last_layer":  # per-checkpoint products of factors
+            for k in range(self._n_blocks()):
+                terms = []
+                for lr, ckpt_id, q in zip(self.lrs, self.ckpt_ids, queries, strict=True):
+                    block = torch.from_numpy(
+                        np.asarray(self.store.read_block("train", ckpt_id, k)[0])
+                    )
+                    terms.append((lr, self._inner(q, block.to(dtype)).numpy()))
+                yield k * self.config.block_rows, lr_weighted_sum(terms)
+            return
+        # one multiply per block: [lr_1 q_1, ..., lr_C q_C] @ [f_1, ..., f_C]^T, K = C x dim
+        q_cat = lr_scaled_concat(self.lrs, queries)
+        buffer: torch.Tensor | None = None
         for k in range(self._n_blocks()):
-            terms = []
-            for lr, ckpt_id, q in zip(self.lrs, self.ckpt_ids, queries, strict=True):
-                block = self.store.read_block("train", ckpt_id, k)[0]
-                f = torch.from_numpy(np.array(block, dtype=dtype))
-                terms.append((lr, self._inner(q, f).numpy()))
-            yield k * self.config.block_rows, lr_weighted_sum(terms)
+            blocks = [self.store.read_block("train", c, k)[0] for c in self.ckpt_ids]
+            rows = len(blocks[0])
+            if buffer is None or buffer.shape[0] != rows:
+                buffer = torch.empty(rows, q_cat.shape[1], dtype=dtype)
+            col = 0
+            for part in blocks:  # float16 -> float32 in a reused buffer: float16 matmul is slow
+                buffer[:, col : col + part.shape[1]].copy_(torch.from_numpy(part))
+                col += part.shape[1]
+            yield k * self.config.block_rows, (q_cat @ buffer.T).double().numpy()
 
     def folded_queries(
         self, query: Data | Batch | str, *, query_task: Task | None = None

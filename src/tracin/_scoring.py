@@ -1,7 +1,8 @@
 """Pure array maths over per-checkpoint results; learning rates are applied here and only here.
 
 TracInCP(z, z') = sum_c lr_c * <g_c(z), g_c(z')>, self_influence(z) = sum_c lr_c * ||g_c(z)||^2.
-Callers compute the per-checkpoint inner products; `lr_weighted_sum` weights and adds them.
+Callers compute the per-checkpoint inner products; `lr_weighted_sum` weights and adds them, or
+`lr_scaled_concat` folds the weights into the queries so one multiply scores every checkpoint.
 Proponents are the largest scores, opponents the most negative ones.
 """
 
@@ -11,10 +12,11 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from tracin._errors import ConfigError
 
-__all__ = ["Neighbors", "fold", "lr_weighted_sum", "merge_top_k", "top_k"]
+__all__ = ["Neighbors", "fold", "lr_scaled_concat", "lr_weighted_sum", "merge_top_k", "top_k"]
 
 
 class Neighbors(NamedTuple):
@@ -52,6 +54,18 @@ def lr_weighted_sum(terms: Iterable[tuple[float, np.ndarray]]) -> np.ndarray:
     if total is None:
         raise ConfigError("no checkpoint terms to sum")
     return total
+
+
+def lr_scaled_concat(lrs: Sequence[float], queries: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[lr_1 q_1, ..., lr_C q_C]``: one multiply with ``[f_1, ..., f_C]`` gives the score.
+
+    Args:
+        lrs: one learning rate per checkpoint.
+        queries: per checkpoint, ``(Q, dim_c)`` query features.
+    """
+    if len(lrs) != len(queries):
+        raise ConfigError(f"{len(lrs)} learning rates for {len(queries)} checkpoints")
+    return torch.cat([float(lr) * q for lr, q in zip(lrs, queries, strict=True)], dim=1)
 
 
 def fold(lrs: Sequence[float], features: Sequence[np.ndarray]) -> np.ndarray:

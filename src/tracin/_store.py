@@ -190,7 +190,7 @@ class FeatureStore:
             if verify:
                 self._verify(f_path, info["features_sha256"], "feature block")
                 self._verify(s_path, info["sqnorm_sha256"], "norm block")
-            features = np.load(f_path, mmap_mode="r", allow_pickle=False)
+            features = np.load(f_path, mmap_mode="c", allow_pickle=False)  # copy-on-write
             sqnorm = np.load(s_path, allow_pickle=False)
         except (OSError, ValueError, KeyError) as exc:
             raise StoreError(
