@@ -60,7 +60,7 @@ def test_lr_weighted_sum(lrs, seed):
     np.testing.assert_allclose(got, np.einsum("c,cij->ij", np.array(lrs), terms), rtol=1e-12)
 
 
-def stored_run(n, dims, block_rows, lrs, dtype, seed):
+def stored_run(n, dims, block_rows, lrs, dtype, seed, ties=False):
     """A Run over a synthetic in-memory store (no model): the scoring path alone."""
     from tracin._featurize import RunConfig
     from tracin._projection import ProjectionConfig
@@ -69,8 +69,13 @@ def stored_run(n, dims, block_rows, lrs, dtype, seed):
     rng = np.random.default_rng(seed)
     store = FeatureStore(None)
     ids = tuple(f"c{i}" for i in range(len(lrs)))
-    feats = {c: rng.normal(size=(n, dims)).astype(dtype) for c in ids}
-    queries = {c: rng.normal(size=(3, dims)).astype(dtype) for c in ids}
+
+    def draw(rows):  # small integers make many tied scores
+        x = rng.integers(-2, 3, size=(rows, dims)) if ties else rng.normal(size=(rows, dims))
+        return x.astype(dtype)
+
+    feats = {c: draw(n) for c in ids}
+    queries = {c: draw(3) for c in ids}
     for c in ids:
         for split, rows in (("train", feats[c]), ("q", queries[c])):
             for b, start in enumerate(range(0, len(rows), block_rows)):
@@ -93,9 +98,12 @@ def stored_run(n, dims, block_rows, lrs, dtype, seed):
     dtype=st.sampled_from(["float32", "float16", "float64"]),
     seed=st.integers(0, 1000),
     k=st.integers(1, 50),
+    ties=st.booleans(),
 )
-def test_store_scoring_equals_dense(n, dims, block_rows, lrs, dtype, seed, k):
-    run, dense = stored_run(n, dims, block_rows, lrs, dtype, seed)
+def test_store_scoring_equals_dense(n, dims, block_rows, lrs, dtype, seed, k, ties):
+    if ties:
+        lrs = [1.0] * len(lrs)  # integer scores stay exact, so ties stay ties
+    run, dense = stored_run(n, dims, block_rows, lrs, dtype, seed, ties)
     tol = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-5}[dtype]
     np.testing.assert_allclose(run.influence("q"), dense, rtol=tol, atol=tol * np.abs(dense).max())
     if k > n:

@@ -313,10 +313,7 @@ class Run:
         best: dict[bool, Neighbors] = {}
         for start, scores in self._score_blocks(q_feats):
             for largest in (True, False):
-                part = top_k(scores, min(k, scores.shape[1]), largest=largest)
-                part = Neighbors(part.indices + start, part.scores)
-                prev = best.get(largest)
-                best[largest] = part if prev is None else merge_top_k(prev, part, k, largest)
+                best[largest] = _update(best.get(largest), scores, start, k, largest)
         return best[True], best[False]
 
     def proponents(
@@ -330,6 +327,30 @@ class Run:
     ) -> Neighbors:
         """The ``k`` training rows with the most negative scores on each query (hurt it most)."""
         return self.neighbors(query, k, query_task=query_task)[1]
+
+
+def _update(
+    best: Neighbors | None, scores: np.ndarray, start: int, k: int, largest: bool
+) -> Neighbors:
+    """Merge one block's ``(Q, rows)`` scores into the running top ``k``.
+
+    Once ``k`` rows are held, only queries with a score strictly beyond their current k-th are
+    touched (equal scores at later rows never displace earlier ones), so most blocks cost one
+    comparison pass instead of a partial sort.
+    """
+    if best is not None and best.indices.shape[1] == k:
+        kth = best.scores[:, -1:]
+        rows = np.flatnonzero((scores > kth if largest else scores < kth).any(axis=1))
+        if rows.size == 0:
+            return best
+        part = top_k(scores[rows], min(k, scores.shape[1]), largest=largest)
+        merged = merge_top_k(Neighbors(best.indices[rows], best.scores[rows]),
+                             Neighbors(part.indices + start, part.scores), k, largest)  # fmt: skip
+        best.indices[rows], best.scores[rows] = merged.indices, merged.scores
+        return best
+    part = top_k(scores, min(k, scores.shape[1]), largest=largest)
+    part = Neighbors(part.indices + start, part.scores)
+    return part if best is None else merge_top_k(best, part, k, largest)
 
 
 def _query_task(task: Task | None, query_task: Task | None) -> Task:
