@@ -15,6 +15,8 @@ gradient of the per-example loss (or of a prediction score, for unlabelled queri
 from tracin._api import featurize, open
 from tracin._checkpoints import Checkpoint, Checkpoints
 from tracin._errors import CheckpointError, ConfigError, DataError, TaskError, TracInError
+from tracin._index import ExactIndex, FaissIndex, NeighborIndex
+from tracin._index import neighbors as index_neighbors
 from tracin._recorder import CheckpointRecorder, log_spaced_steps
 from tracin._run import Run
 from tracin._scoring import Neighbors
@@ -31,6 +33,9 @@ __all__ = [
     "ClassificationTask",
     "ConfigError",
     "DataError",
+    "ExactIndex",
+    "FaissIndex",
+    "NeighborIndex",
     "Neighbors",
     "RegressionTask",
     "Run",
@@ -41,6 +46,7 @@ __all__ = [
     "__version__",
     "check_task",
     "featurize",
+    "index_neighbors",
     "log_spaced_steps",
     "open",
 ]
