@@ -32,15 +32,15 @@ For each model (every rate also as a ratio to the training step):
   only where every parameter is hookable; at the exact engine's best batch size) and dense
   ``"gaussian"`` (batch 64), timing featurize; against
   dattri ``TracInAttributor.self_attribute`` without projection and with its default 512;
-- ``PROTOTYPE``: a sqnorm-only streaming path (what ``_api._stream_sqnorms`` could call instead
-  of ``GradientSource.batch_features``), built in this file from tracin's hook helpers: hooks on
-  every Linear/Conv/Embedding layer the forward pass actually calls, torch.func for the rest,
-  no per-example gradient matrix and no isfinite over it, in-memory slicing, float32 products
-  accumulated in float64 (bias apart, no ones column), embedding norms from a (T x T) Gram of
-  equal indices, convolution weight gradients from one grouped ``conv2d_weight``; with ``kron``
-  the Kronecker features too (a convolution's input projection done as a convolution).
-  Ablations: ``f64`` uses tracin's own ``_hooks._sqnorm`` instead (so it isolates the
-  sqnorm-only streaming), ``unfold`` keeps F.unfold for convolutions.
+- ``PROTOTYPE``: a faster ``FactoredEngine.sqnorms`` streaming loop, built in this file from
+  tracin's hook helpers: hooks on every Linear/Conv/Embedding layer the forward pass actually
+  calls, torch.func for the rest, in-memory slicing, float32 products accumulated in float64
+  with the bias apart (no ones column), embedding norms from a (T x T) Gram of equal indices,
+  convolution weight gradients from one grouped ``conv2d_weight``; with ``kron`` the Kronecker
+  features too (a convolution's input projection done as a convolution). Ablations:
+  ``tracin_sqnorm`` uses tracin's own ``_hooks._sqnorm`` on ``[a, 1]`` instead (so the gap to
+  ``tracin exact`` is the loop and the layer routing), ``unfold`` keeps F.unfold for
+  convolutions.
 
 Each figure: an untimed warm-up, a probe run (one batch) that sizes ``rows`` so one run takes
 about ``--budget`` seconds (capped by the dataset size), then best of 2 runs; a method slower
@@ -564,13 +564,13 @@ class ProtoSqnorms:
         probe: tuple[torch.Tensor, ...],
         kron: bool,
         unfold: bool = False,
-        f64: bool = False,
+        tracin_sqnorm: bool = False,
     ) -> None:
         self.model = model
-        # ablations: convolutions through F.unfold as tracin does now; tracin's own float64
-        # `_hooks._sqnorm` (with the ones column for the bias, dense embedding gradients)
-        self.unfold = unfold or f64
-        self.f64 = f64
+        # ablations: convolutions through F.unfold as tracin does now; tracin's own
+        # `_hooks._sqnorm` (on a ones column for the bias, dense embedding gradients)
+        self.unfold = unfold or tracin_sqnorm
+        self.tracin_sqnorm = tracin_sqnorm
         names = select_parameters(model, None)
         layers, _ = supported_layers(model, names)
         with torch.no_grad(), _capture(layers):
@@ -625,7 +625,7 @@ class ProtoSqnorms:
         if pad is not None:
             d = d * (a != pad).unsqueeze(-1).to(d.dtype)
         bias = lay.bias is not None
-        if self.f64:
+        if self.tracin_sqnorm:
             ones = [torch.ones_like(a[..., :1])] if bias and emb is None else []
             sq = _sqnorm(torch.cat([a, *ones], dim=2) if ones else a, d, emb)
         else:
@@ -722,9 +722,9 @@ class ProtoSqnorms:
 
 
 def proto_self_influence(
-    ctx: Ctx, bs: int, kron: bool = False, unfold: bool = False, f64: bool = False
+    ctx: Ctx, bs: int, kron: bool = False, unfold: bool = False, tracin_sqnorm: bool = False
 ) -> Callable[[int], Any]:
-    proto = ProtoSqnorms(ctx.model, ctx.tensors(2), kron, unfold, f64)
+    proto = ProtoSqnorms(ctx.model, ctx.tensors(2), kron, unfold, tracin_sqnorm)
 
     def fn(rows: int) -> np.ndarray:
         x, y = ctx.tensors(rows)
@@ -979,12 +979,12 @@ def bench_model(spec: Spec, n: int, budget: float, quick: bool, root: Path) -> d
     )
     add(
         Result(
-            "proto_exact_f64",
-            "PROTOTYPE, but tracin's float64 _hooks._sqnorm",
+            "proto_exact_tracin_sqnorm",
+            "PROTOTYPE, but tracin's _hooks._sqnorm on [a, 1]",
             "proto",
             batch=bs_auto,
         ),
-        proto_self_influence(ctx, bs_auto, f64=True),
+        proto_self_influence(ctx, bs_auto, tracin_sqnorm=True),
         bs_auto,
         step=bs_auto,
         warmup=16,
@@ -1181,39 +1181,41 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 FIXES = [
-    "1. `_api._stream_sqnorms` calls `GradientSource.batch_features`, which builds the full "
-    "(B, P) per-example gradient matrix (`FactoredEngine._exact` + `torch.cat`, or "
-    "`FunctionalEngine.gradients`' `torch.cat`) and runs `torch.isfinite` over it, then keeps "
-    "only the squared norms. Fix: a `sqnorms(weights, score, batch)` engine method that returns "
-    "only `(B,)` norms, and check `isfinite(sq)` alone (a non-finite entry makes the float64 sum "
-    "of squares non-finite). Row `PROTOTYPE, but tracin's float64 _hooks._sqnorm` isolates this.",
-    "2. `_hooks._sqnorm` copies `a` and `d` to float64 and multiplies in float64, after "
-    "`FactoredEngine._captured` concatenated a ones column for the bias. Fix: float32 products "
-    "with float64 accumulation (`.pow(2).sum(dims, dtype=torch.float64)`), bias as "
-    "`||sum_t d_t||^2` (or `+1` on the Gram of `a`). Rel. err against Captum stays ~1e-7.",
-    "3. `_hooks._sqnorm` / `_embedding_grad` make a dense (B, num_embeddings, dim) float64 "
-    "tensor per batch for every nn.Embedding (330 MB at B=64, 5000 x 128). Fix: "
-    "`sum_{t,s} [i_t = i_s] <d_t, d_s>` from a (B, T, T) Gram.",
-    "4. Convolutions go through `F.unfold` + `bmm` (`_hooks._positions`). Fix: per-example "
+    "0. Done in src since commit a9c8240 (during this benchmark's development): self-influence "
+    "streams `engine.sqnorms` (no (B, P) gradient matrix, no isfinite over it) and `_sqnorm` "
+    "works in the native dtype with float64 sums. The `tracin exact` rows measure that code.",
+    "1. `FactoredEngine._captured` concatenates a ones column to every biased layer's input "
+    "(`torch.cat([a, ones])`: a copy of e.g. the (B, 784, 145) unfolded patches of a conv). "
+    "Fix: bias apart, `||sum_t d_t||^2` (or `+1` on the Gram of `a`).",
+    "2. `_hooks._sqnorm` / `_embedding_grad` build a dense (B, num_embeddings, dim) tensor per "
+    "batch for every nn.Embedding (164 MB at B=64, 5000 x 128). Fix: "
+    "`sum_{t,s} [i_t = i_s] <d_t, d_s>` from a (B, T, T) Gram. Rows `PROTOTYPE, but tracin's "
+    "_hooks._sqnorm on [a, 1]` against `PROTOTYPE` (or its unfold variant) isolate 1 + 2.",
+    "3. Convolutions go through `F.unfold` + `bmm` (`_hooks._positions`). Fix: per-example "
     "weight gradients from one grouped `torch.nn.grad.conv2d_weight(x.reshape(1, B*C, H, W), "
-    "(B*O, C, kh, kw), g.reshape(1, B*O, H', W'), stride, padding, dilation, groups=B)`; the "
-    "Kronecker input projection `unfold(x) @ P_in` is `F.conv2d(x, P_in.T.reshape(k, C, kh, kw), "
-    "bias=P_in[-1])`. Row `PROTOTYPE, but convolutions via F.unfold + bmm` isolates this.",
-    "5. `_hooks.supported_layers` hooks `nn.MultiheadAttention.out_proj`, whose weight MHA uses "
+    "(B*O, C, kh, kw), g.reshape(1, B*O, H', W'), stride, padding, dilation, groups=B)`, bias "
+    "`g.sum((2, 3))`; the Kronecker input projection `unfold(x) @ P_in` is "
+    "`F.conv2d(x, P_in.T.reshape(k, C, kh, kw), bias=P_in[-1])`. Row `PROTOTYPE, but "
+    "convolutions via F.unfold + bmm` isolates this.",
+    "4. `_hooks.supported_layers` hooks `nn.MultiheadAttention.out_proj`, whose weight MHA uses "
     "functionally, so `engine='factored'` fails on every nn.TransformerEncoder ('out_proj was "
-    "not called'), and `auto` sends the whole model to torch.func. Fix: route layers whose hook "
-    "did not fire on the first batch (or Linear children of nn.MultiheadAttention) to the "
-    "torch.func rest, and let `auto` use hooks + torch.func rest when some parameters are "
-    "unhookable. The prototype does this on text_mha.",
-    "6. Not prototyped: `_projection.DenseProjector._block` charges every cached block a full "
+    "not called'), and `auto` sends the whole model to torch.func (dense per-example embedding "
+    "gradients included). Fix: route layers whose hook did not fire on the first batch (or "
+    "Linear children of nn.MultiheadAttention) to the torch.func rest, and let `auto` use hooks "
+    "+ torch.func rest when some parameters are unhookable. The prototype does this on "
+    "text_mha.",
+    "5. Not prototyped: `_projection.DenseProjector._block` charges every cached block a full "
     "`block_rows * k * 4` bytes (64 MiB at k=1024) whatever its real size, so at most 16 blocks "
     "are kept: a model with more than 16 parameter tensors regenerates the rest of P every "
     "batch even when P is a few MB (30 tensors of 100 rows: 58 generations in 3 batches). Fix: "
     "count `mat.numel() * mat.element_size()`. Past the cache (P x k > 1 GiB, ~262k parameters "
     "at k=1024) P is regenerated every batch: prefer kronecker (or a sparse JL sketch) there.",
-    "7. Not prototyped: `_batch._loader` wraps a TensorDataset in a DataLoader (per-row "
+    "6. Not prototyped: `_batch._loader` wraps a TensorDataset in a DataLoader (per-row "
     "indexing + collate); slicing `dataset.tensors` directly is what the `in-memory tensors` "
     "row measures.",
+    "7. Not prototyped: `_api._check_first_batch` runs `check_task` (two forward passes, B and "
+    "B - 1 rows) on a whole first batch per featurize call: ~15% of a last-layer run on the "
+    "1M-parameter text model (measured by slicing it to 8 rows). Fix: check on <= 8 rows.",
 ]
 
 
