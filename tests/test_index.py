@@ -134,6 +134,10 @@ def test_bad_inputs_raise_config_error(setup, tmp_path):
         FaissIndex.build(run, "annoy")  # type: ignore[arg-type]
     with pytest.raises(tracin.ConfigError, match="nprobe=0"):
         FaissIndex.build(run, "ivf", nprobe=0)
+    with pytest.raises(tracin.ConfigError, match="not an IVF index"):
+        FaissIndex.build(run, "flat").tune(nprobe=4)
+    with pytest.raises(tracin.ConfigError, match="not an HNSW index"):
+        FaissIndex.build(run, "flat").tune(ef_search=4)
     with pytest.raises(tracin.StoreError, match=r"no-such\.faiss"):
         FaissIndex.load(tmp_path / "no-such.faiss")
 
