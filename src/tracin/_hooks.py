@@ -155,8 +155,9 @@ def _embedding_grad(idx: torch.Tensor, d: torch.Tensor, rows: int) -> torch.Tens
 
 def _sqnorm(a: torch.Tensor, d: torch.Tensor, embedding: int | None) -> torch.Tensor:
     """Exact ``||sum_t d_t a_t^T||^2`` per example, in ``d``'s dtype, summed in float64."""
-    if embedding is not None:  # rows of G are sums of d over equal indices
-        return _embedding_grad(a, d, embedding).pow(2).sum((1, 2), dtype=torch.float64)
+    if embedding is not None:  # rows of G are sums of d over equal indices:
+        same = (a.unsqueeze(2) == a.unsqueeze(1)).to(d.dtype)  # (B, T, T), no (B, V, dim) tensor
+        return (torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2), dtype=torch.float64)
     a = a.to(d.dtype)
     t, n_in, n_out = a.shape[1], a.shape[2], d.shape[2]
     if t == 1:
