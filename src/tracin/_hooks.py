@@ -153,7 +153,17 @@ def _embedding_grad(idx: torch.Tensor, d: torch.Tensor, rows: int) -> torch.Tens
     return g.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d)
 
 
-def _sqnorm(a: torch.Tensor, d: torch.Tensor, embedding: int | None) -> torch.Tensor:
+def _sqnorm(
+    a: torch.Tensor, d: torch.Tensor, embedding: int | None, bias: bool = False
+) -> torch.Tensor:
+    """Exact squared norm of the weight gradient, plus ``||sum_t d_t||^2`` with a bias."""
+    weight = _weight_sqnorm(a, d, embedding)
+    if bias:
+        weight = weight + d.sum(1).pow(2).sum(1, dtype=torch.float64)
+    return weight
+
+
+def _weight_sqnorm(a: torch.Tensor, d: torch.Tensor, embedding: int | None) -> torch.Tensor:
     """Exact ``||sum_t d_t a_t^T||^2`` per example, in ``d``'s dtype, summed in float64."""
     if embedding is not None:  # rows of G are sums of d over equal indices:
         same = (a.unsqueeze(2) == a.unsqueeze(1)).to(d.dtype)  # (B, T, T), no (B, V, dim) tensor
@@ -280,9 +290,7 @@ class FactoredEngine:
             pad = getattr(layer.module, "padding_idx", None)
             if pad is not None:  # the padding row gets no gradient (as in nn.Embedding)
                 d = d * (a != pad).unsqueeze(-1).to(d.dtype)
-            if layer.bias is not None:
-                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=2)
-            result.append((a, d))
+            result.append((a, d))  # a bias is the column of ones that ``a`` leaves implicit
         return result
 
     def features(
@@ -296,14 +304,17 @@ class FactoredEngine:
         for layer, (a, d) in zip(self.layers, captured, strict=True):
             emb = layer.module.num_embeddings if isinstance(layer.module, nn.Embedding) else None
             if self.projection.kind != "identity":
-                sq += _sqnorm(a, d, emb)
+                sq += _sqnorm(a, d, emb, layer.bias is not None)
             if self.projection.kind == "last_layer":
                 if a.shape[1] != 1:
                     raise TaskError(
                         f"layer {layer.name!r} sees {a.shape[1]} positions per example; the "
                         "last-layer path needs one (use projection='kronecker' for sequences)"
                     )
-                kron.append(torch.cat([a[:, 0].to(d.dtype), d[:, 0]], dim=1))
+                parts = [a[:, 0].to(d.dtype), d[:, 0]]
+                if layer.bias is not None:
+                    parts.insert(1, torch.ones_like(d[:, 0, :1]))
+                kron.append(torch.cat(parts, dim=1))
             elif self.projection.kind == "kronecker":
                 kron.append(self._kron(layer, a, d, emb, checkpoint))
             else:
@@ -328,7 +339,7 @@ class FactoredEngine:
         sq = torch.zeros(captured[0][0].shape[0], dtype=torch.float64)
         for layer, (a, d) in zip(self.layers, captured, strict=True):
             emb = layer.module.num_embeddings if isinstance(layer.module, nn.Embedding) else None
-            sq += _sqnorm(a, d, emb)
+            sq += _sqnorm(a, d, emb, layer.bias is not None)
         if self.rest is not None:
             sq += self.rest.gradients(weights, score, batch).pow(2).sum(1, dtype=torch.float64)
         return sq
@@ -339,21 +350,29 @@ class FactoredEngine:
         b = a.shape[0]
         if emb is not None:
             return {layer.weight: _embedding_grad(a, d, emb).reshape(b, -1)}
-        g = torch.bmm(d.transpose(1, 2), a.to(d.dtype))  # (B, out, in[+1])
+        g = torch.bmm(d.transpose(1, 2), a.to(d.dtype))  # (B, out, in)
         if layer.bias is None:
             return {layer.weight: g.reshape(b, -1)}
-        return {layer.weight: g[..., :-1].reshape(b, -1), layer.bias: g[..., -1]}
+        return {layer.weight: g.reshape(b, -1), layer.bias: d.sum(1)}
 
     def _kron(
         self, layer: _Layer, a: torch.Tensor, d: torch.Tensor, emb: int | None, checkpoint: int
     ) -> torch.Tensor:
-        n_out, n_in = _layer_shape(layer)
+        n_out, n_in = _layer_shape(layer)  # n_in counts the bias column
         k_out, k_in = self._sides(layer)
+        bias = layer.bias is not None
         if k_in < n_in:
             p_in = self._matrix(checkpoint, layer.index, 0, n_in).to(d.dtype)
-            a_proj = p_in[a] if emb is not None else a.to(d.dtype) @ p_in  # (B, T, k_in)
-        else:  # exact: the layer is no wider than the projection
-            a_proj = F.one_hot(a, n_in).to(d.dtype) if emb is not None else a.to(d.dtype)
+            if emb is not None:
+                a_proj = p_in[a]  # (B, T, k_in)
+            else:  # [a, 1] @ P_in without copying a: a @ P_in[:-1] + P_in[-1]
+                a_proj = a.to(d.dtype) @ p_in[: n_in - bias] + (p_in[-1] if bias else 0.0)
+        elif emb is not None:  # exact: the layer is no wider than the projection
+            a_proj = F.one_hot(a, n_in).to(d.dtype)
+        else:
+            a_proj = a.to(d.dtype)
+            if bias:
+                a_proj = torch.cat([a_proj, torch.ones_like(a_proj[..., :1])], dim=2)
         d_proj = (
             d @ self._matrix(checkpoint, layer.index, 1, n_out).to(d.dtype) if k_out < n_out else d
         )
