@@ -114,3 +114,13 @@ def test_disk_full_mid_run_keeps_the_store_readable_and_resumes(mlp_setup, tmp_p
     resumed = run_of(mlp_setup, store=tmp_path / "r", proj_dim=8, block_rows=4)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # not recomputed
     np.testing.assert_array_equal(resumed.influence(query), reference.influence(query))
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_nan_gradients_after_the_first_batch_name_the_rows(mlp_setup, tmp_path, store):
+    x, y = mlp_setup[1]
+    x = x.clone()
+    x[[17, 21]] = float("inf")
+    kwargs = {"store": tmp_path / "r", "proj_dim": 8} if store else {}
+    with pytest.raises(tracin.DataError, match=r"non-finite gradients for train rows \[17, 21\]"):
+        run_of(mlp_setup, data=TensorDataset(x, y), batch_size=8, **kwargs)

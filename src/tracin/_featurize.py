@@ -185,6 +185,16 @@ def model_errors(stage: str, start: int, n: int, ckpt_id: str) -> Iterator[None]
         ) from exc
 
 
+def _check_finite(ok: torch.Tensor, stage: str, start: int, ckpt_id: str) -> None:
+    """Raise naming the rows (offset by ``start``) whose gradients are not finite."""
+    if bool((~ok).any()):
+        rows = (torch.nonzero(~ok).flatten() + start).tolist()
+        raise DataError(
+            f"non-finite gradients for {stage} rows {rows[:10]} at checkpoint {ckpt_id!r}; "
+            "check those examples (NaN/inf inputs or labels) or the checkpoint's weights"
+        )
+
+
 class GradientSource:
     """Per-example features of a model at its checkpoints.
 
@@ -216,14 +226,8 @@ class GradientSource:
         batch = map_tensors(lambda t: t.to(device_of(self.model)), batch)
         with model_errors(stage, start, batch_size(batch), checkpoint.id):
             feats, sq = self.engine.features(weights, score, batch, checkpoint_key(checkpoint.id))
-        bad = ~(torch.isfinite(feats).all(dim=1) & torch.isfinite(sq))
-        if bool(bad.any()):
-            rows = (torch.nonzero(bad).flatten() + start).tolist()
-            raise DataError(
-                f"non-finite gradients for {stage} rows {rows[:10]} at checkpoint "
-                f"{checkpoint.id!r}; check those examples (NaN/inf inputs or labels) or the "
-                "checkpoint's weights"
-            )
+        _check_finite(torch.isfinite(feats).all(dim=1) & torch.isfinite(sq), stage, start,
+                      checkpoint.id)  # fmt: skip
         return feats.detach(), sq.detach().cpu().numpy()
 
     def batch_sqnorms(
@@ -238,14 +242,7 @@ class GradientSource:
         batch = map_tensors(lambda t: t.to(device_of(self.model)), batch)
         with model_errors("train", start, batch_size(batch), checkpoint.id):
             sq = self.engine.sqnorms(weights, score, batch)
-        bad = ~torch.isfinite(sq)
-        if bool(bad.any()):
-            rows = (torch.nonzero(bad).flatten() + start).tolist()
-            raise DataError(
-                f"non-finite gradients for train rows {rows[:10]} at checkpoint "
-                f"{checkpoint.id!r}; check those examples (NaN/inf inputs or labels) or the "
-                "checkpoint's weights"
-            )
+        _check_finite(torch.isfinite(sq), "train", start, checkpoint.id)
         return sq.detach().cpu().numpy()
 
     def features(
