@@ -50,9 +50,9 @@ example at a time): the maximum elementwise relative error. The last layer is co
 Captum TracInCP restricted to the final layer (sample-wise trick, exact for a Linear layer).
 The load of other processes on the machine is recorded; ``--wait-load`` waits for a quiet one.
 
-    python benchmarks/engines.py                  # all four models, ~10 min on 2 cores
-    python benchmarks/engines.py --quick          # 1-minute smoke run
-    python benchmarks/engines.py --models democnn cnn28 --n 2000 --wait-load 1.5
+    python benchmarks/engines.py --wait-load 1.5 --wait-quiet 300   # as in results/engines.md
+    python benchmarks/engines.py --quick          # smoke run, under a minute on a quiet machine
+    python benchmarks/engines.py --models cnn28 --merge   # re-measure one model, keep the rest
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ TRAIN_BATCH = 64
 TASK = tracin.ClassificationTask()
 OTHERS_MAX = 0.25  # cores other processes may take during a timed run before it is retried
 RETRIES = 3  # retries per measurement
-RETRY_SECONDS = {"left": 150.0}  # wall time all retries of a run may take together
+RETRY_PER_MODEL = 60.0  # wall time all retries of one model's figures may take together
+RETRY_SECONDS = {"left": RETRY_PER_MODEL}
 SMOKE: dict[str, int] = {}  # --quick: {"probe": rows} caps every probe and times one run
 
 
@@ -1125,6 +1126,17 @@ def _fmt(v: Any, spec: str = ".0f") -> str:
     return str(v)
 
 
+def _run_line(run: dict[str, Any]) -> str:
+    if not run:
+        return ""
+    return (
+        f"Measured {run['date']} by `{run['command']}` in {run['seconds']} s; load "
+        f"{run['load_before']:.2f} before, {run['load_after']:.2f} after; other processes "
+        f"{_fmt(run['others_before'], '.2f')} cores before; waited {run['waited_s']:.0f} s; "
+        f"{run['retry_s_used']} s re-running disturbed runs."
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
     meta = report["meta"]
     lines = [
@@ -1133,11 +1145,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"Reproduce: `{meta['command']}`",
         "",
         f"{meta['date']}, {meta['machine']}, torch {meta['torch']} ({meta['threads']} threads), "
-        f"captum {meta['captum']}, dattri {meta['dattri']}. 1-minute load average "
-        f"{meta['load_before']:.2f} before, {meta['load_after']:.2f} after; other processes "
-        f"used {meta['others_before']:.2f} cores just before the run (this machine is shared; "
-        f"waited {meta['waited_s']} s for load, {meta['retry_s_used']} s spent re-running "
-        "disturbed runs).",
+        f"captum {meta['captum']}, dattri {meta['dattri']}. This machine is shared with other "
+        "processes: each model's line says how busy it was (1-minute load average, the cores "
+        "other processes used just before, seconds waited for them to go quiet, seconds spent "
+        "re-running disturbed runs).",
         "",
         "Rates are checkpoint-examples per second (examples x 3 checkpoints / s); the train step "
         "is examples/s. `x train` is the rate over the training step's. `rel. err` is the max "
@@ -1152,6 +1163,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"## {name}: {m['title']}, {m['parameters']:,} parameters, {m['examples']} examples",
+            "",
+            _run_line(m.get("run", {})),
             "",
             "| method | batch | rows timed | rate /s | x train | rel. err | others | note |",
             "|---|---:|---:|---:|---:|---:|---:|---|",
@@ -1248,6 +1261,18 @@ def wait_for_load(threshold: float, max_wait: float) -> float:
     return waited
 
 
+def wait_quiet(max_wait: float) -> tuple[float, float]:
+    """Wait (20 s steps) until other processes use < OTHERS_MAX cores over 3 s."""
+    waited = 0.0
+    others = timed(time.sleep, 3)[1]
+    while others > OTHERS_MAX and waited < max_wait:
+        print(f"other processes use {others:.2f} cores: waiting 20 s", flush=True)
+        time.sleep(20)
+        waited += 23
+        others = timed(time.sleep, 3)[1]
+    return waited, others
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(SPECS), default=list(SPECS))
@@ -1259,6 +1284,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="wait (60 s steps, up to 10 min) until the 1-min load is below this",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="before each model, wait up to this many seconds for other processes to go quiet",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other models already in the results file (re-measure only --models)",
     )
     parser.add_argument(
         "--out",
@@ -1286,24 +1322,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dattri": getattr(dattri, "__version__", "0.3.0"),
         "threads": torch.get_num_threads(),
         "load_before": os.getloadavg()[0],
-        "others_before": timed(time.sleep, 1 if args.quick else 3)[1],
         "waited_s": waited,
         "budget_s": budget,
         "quick": args.quick,
     }
     t0 = time.perf_counter()
     models = {}
+    out = args.out or (Path(tempfile.gettempdir()) / "tracin_engines" if args.quick else RESULTS)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             spec = SPECS[name]
             n = args.n or (spec.quick_n if args.quick else spec.n)
+            waited, others = wait_quiet(args.wait_quiet) if args.wait_quiet else (0.0, None)
+            RETRY_SECONDS["left"] = RETRY_PER_MODEL
+            run = {
+                "command": meta["command"],
+                "date": datetime.datetime.now().isoformat("T", "seconds"),
+                "load_before": os.getloadavg()[0],
+                "others_before": others,
+                "waited_s": waited,
+            }
+            t_model = time.perf_counter()
             models[name] = bench_model(spec, n, budget, args.quick, Path(tmp))
+            run["seconds"] = round(time.perf_counter() - t_model, 1)
+            run["load_after"] = os.getloadavg()[0]
+            run["retry_s_used"] = round(RETRY_PER_MODEL - RETRY_SECONDS["left"], 1)
+            models[name]["run"] = run
     meta["load_after"] = os.getloadavg()[0]
-    meta["retry_s_used"] = round(150.0 - RETRY_SECONDS["left"], 1)
     meta["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.merge and (out / "engines.json").exists():
+        old = json.loads((out / "engines.json").read_text())["models"]
+        models = {k: models.get(k, old.get(k)) for k in SPECS if k in models or k in old}
     report = {"meta": meta, "models": models}
     print_table(report)
-    out = args.out or (Path(tempfile.gettempdir()) / "tracin_engines" if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engines.json").write_text(json.dumps(report, indent=2))
     (out / "engines.md").write_text(markdown(report))
