@@ -37,10 +37,9 @@ For each model (every rate also as a ratio to the training step):
   calls, torch.func for the rest, in-memory slicing, float32 products accumulated in float64
   with the bias apart (no ones column), embedding norms from a (T x T) Gram of equal indices,
   convolution weight gradients from one grouped ``conv2d_weight``; with ``kron`` the Kronecker
-  features too (a convolution's input projection done as a convolution). Ablations:
-  ``tracin_sqnorm`` uses tracin's own ``_hooks._sqnorm`` on ``[a, 1]`` instead (so the gap to
-  ``tracin exact`` is the loop and the layer routing), ``unfold`` keeps F.unfold for
-  convolutions.
+  features too (a convolution's input projection done as a convolution). Ablation: ``unfold``
+  keeps F.unfold for convolutions (then the per-layer maths is what tracin's ``_hooks`` does
+  since commit 57cd331, so the gap to ``tracin exact`` is the grouped convolution alone).
 
 Each figure: an untimed warm-up, a probe run (one batch) that sizes ``rows`` so one run takes
 about ``--budget`` seconds (capped by the dataset size), then best of 2 runs; a method slower
@@ -85,7 +84,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import tracin
 from tracin._demo import DemoCNN
 from tracin._engine import _flatten, functional_model
-from tracin._hooks import _capture, _Layer, _positions, _sqnorm, supported_layers
+from tracin._hooks import _capture, _Layer, _positions, supported_layers
 from tracin._params import eval_mode, fit_state, select_parameters
 from tracin._projection import checkpoint_key
 
@@ -565,13 +564,9 @@ class ProtoSqnorms:
         probe: tuple[torch.Tensor, ...],
         kron: bool,
         unfold: bool = False,
-        tracin_sqnorm: bool = False,
     ) -> None:
         self.model = model
-        # ablations: convolutions through F.unfold as tracin does now; tracin's own
-        # `_hooks._sqnorm` (on a ones column for the bias, dense embedding gradients)
-        self.unfold = unfold or tracin_sqnorm
-        self.tracin_sqnorm = tracin_sqnorm
+        self.unfold = unfold  # ablation: convolutions through F.unfold as tracin does now
         names = select_parameters(model, None)
         layers, _ = supported_layers(model, names)
         with torch.no_grad(), _capture(layers):
@@ -626,11 +621,7 @@ class ProtoSqnorms:
         if pad is not None:
             d = d * (a != pad).unsqueeze(-1).to(d.dtype)
         bias = lay.bias is not None
-        if self.tracin_sqnorm:
-            ones = [torch.ones_like(a[..., :1])] if bias and emb is None else []
-            sq = _sqnorm(torch.cat([a, *ones], dim=2) if ones else a, d, emb)
-        else:
-            sq = _layer_sqnorm(a, d, bias, emb)
+        sq = _layer_sqnorm(a, d, bias, emb)
         if not self.kron:
             return sq, None
         n_in = emb if emb is not None else a.shape[-1] + bias
@@ -723,9 +714,9 @@ class ProtoSqnorms:
 
 
 def proto_self_influence(
-    ctx: Ctx, bs: int, kron: bool = False, unfold: bool = False, tracin_sqnorm: bool = False
+    ctx: Ctx, bs: int, kron: bool = False, unfold: bool = False
 ) -> Callable[[int], Any]:
-    proto = ProtoSqnorms(ctx.model, ctx.tensors(2), kron, unfold, tracin_sqnorm)
+    proto = ProtoSqnorms(ctx.model, ctx.tensors(2), kron, unfold)
 
     def fn(rows: int) -> np.ndarray:
         x, y = ctx.tensors(rows)
@@ -972,20 +963,8 @@ def bench_model(spec: Spec, n: int, budget: float, quick: bool, root: Path) -> d
     )
     # prototype of the proposed fix
     add(
-        Result("proto_exact", "PROTOTYPE sqnorm-only streaming", "proto", batch=bs_auto),
+        Result("proto_exact", "PROTOTYPE exact (fixes 1, 2 below)", "proto", batch=bs_auto),
         proto_self_influence(ctx, bs_auto),
-        bs_auto,
-        step=bs_auto,
-        warmup=16,
-    )
-    add(
-        Result(
-            "proto_exact_tracin_sqnorm",
-            "PROTOTYPE, but tracin's _hooks._sqnorm on [a, 1]",
-            "proto",
-            batch=bs_auto,
-        ),
-        proto_self_influence(ctx, bs_auto, tracin_sqnorm=True),
         bs_auto,
         step=bs_auto,
         warmup=16,
@@ -1005,7 +984,7 @@ def bench_model(spec: Spec, n: int, budget: float, quick: bool, root: Path) -> d
         )
     if hookable:
         add(
-            Result("proto_kron", "PROTOTYPE kronecker 1024 + sqnorms", "proto", batch=bs_auto),
+            Result("proto_kron", "PROTOTYPE kronecker 1024 (fix 1)", "proto", batch=bs_auto),
             proto_self_influence(ctx, bs_auto, kron=True),
             bs_auto,
             step=bs_auto,
@@ -1194,41 +1173,43 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 FIXES = [
-    "0. Done in src since commit a9c8240 (during this benchmark's development): self-influence "
-    "streams `engine.sqnorms` (no (B, P) gradient matrix, no isfinite over it) and `_sqnorm` "
-    "works in the native dtype with float64 sums. The `tracin exact` rows measure that code.",
-    "1. `FactoredEngine._captured` concatenates a ones column to every biased layer's input "
-    "(`torch.cat([a, ones])`: a copy of e.g. the (B, 784, 145) unfolded patches of a conv). "
-    "Fix: bias apart, `||sum_t d_t||^2` (or `+1` on the Gram of `a`).",
-    "2. `_hooks._sqnorm` / `_embedding_grad` build a dense (B, num_embeddings, dim) tensor per "
-    "batch for every nn.Embedding (164 MB at B=64, 5000 x 128). Fix: "
-    "`sum_{t,s} [i_t = i_s] <d_t, d_s>` from a (B, T, T) Gram. Rows `PROTOTYPE, but tracin's "
-    "_hooks._sqnorm on [a, 1]` against `PROTOTYPE` (or its unfold variant) isolate 1 + 2.",
-    "3. Convolutions go through `F.unfold` + `bmm` (`_hooks._positions`). Fix: per-example "
+    "0. Done in src during this benchmark's development, and measured by the `tracin exact` "
+    "rows: self-influence streams `engine.sqnorms` with no (B, P) gradient matrix and no "
+    "isfinite over one (a9c8240, cf57024); native-dtype products with float64 sums (a9c8240); "
+    "embedding norms from a (B, T, T) index-equality Gram instead of a dense (B, vocab, dim) "
+    "tensor (6b52dcb); the bias handled apart instead of a ones column copied onto every layer "
+    "input (57cd331). The prototype below has all of them as well.",
+    "1. Convolutions go through `F.unfold` + `bmm` (`_hooks._positions`). Fix: per-example "
     "weight gradients from one grouped `torch.nn.grad.conv2d_weight(x.reshape(1, B*C, H, W), "
     "(B*O, C, kh, kw), g.reshape(1, B*O, H', W'), stride, padding, dilation, groups=B)`, bias "
     "`g.sum((2, 3))`; the Kronecker input projection `unfold(x) @ P_in` is "
-    "`F.conv2d(x, P_in.T.reshape(k, C, kh, kw), bias=P_in[-1])`. Row `PROTOTYPE, but "
-    "convolutions via F.unfold + bmm` isolates this.",
-    "4. `_hooks.supported_layers` hooks `nn.MultiheadAttention.out_proj`, whose weight MHA uses "
+    "`F.conv2d(x, P_in[:-1].T.reshape(k, C, kh, kw), bias=P_in[-1])`. Rows `PROTOTYPE` against "
+    "`PROTOTYPE, but convolutions via F.unfold + bmm` isolate this.",
+    "2. `_hooks.supported_layers` hooks `nn.MultiheadAttention.out_proj`, whose weight MHA uses "
     "functionally, so `engine='factored'` fails on every nn.TransformerEncoder ('out_proj was "
     "not called'), and `auto` sends the whole model to torch.func (dense per-example embedding "
     "gradients included). Fix: route layers whose hook did not fire on the first batch (or "
     "Linear children of nn.MultiheadAttention) to the torch.func rest, and let `auto` use hooks "
     "+ torch.func rest when some parameters are unhookable. The prototype does this on "
-    "text_mha.",
-    "5. Not prototyped: `_projection.DenseProjector._block` charges every cached block a full "
+    "text_mha. Also `FunctionalEngine.sqnorms` still concatenates the (B, P) gradients before "
+    "squaring them: sum each parameter's squares from the vmap dict instead.",
+    "3. Not prototyped: `_projection.DenseProjector._block` charges every cached block a full "
     "`block_rows * k * 4` bytes (64 MiB at k=1024) whatever its real size, so at most 16 blocks "
     "are kept: a model with more than 16 parameter tensors regenerates the rest of P every "
     "batch even when P is a few MB (30 tensors of 100 rows: 58 generations in 3 batches). Fix: "
     "count `mat.numel() * mat.element_size()`. Past the cache (P x k > 1 GiB, ~262k parameters "
     "at k=1024) P is regenerated every batch: prefer kronecker (or a sparse JL sketch) there.",
-    "6. Not prototyped: `_batch._loader` wraps a TensorDataset in a DataLoader (per-row "
+    "4. Not prototyped: `_batch._loader` wraps a TensorDataset in a DataLoader (per-row "
     "indexing + collate); slicing `dataset.tensors` directly is what the `in-memory tensors` "
     "row measures.",
-    "7. Not prototyped: `_api._check_first_batch` runs `check_task` (two forward passes, B and "
+    "5. Not prototyped: `_api._check_first_batch` runs `check_task` (two forward passes, B and "
     "B - 1 rows) on a whole first batch per featurize call: ~15% of a last-layer run on the "
     "1M-parameter text model (measured by slicing it to 8 rows). Fix: check on <= 8 rows.",
+    "6. Not prototyped: `projection='kronecker'` gives every layer 32 x 32 = 1024 features "
+    "whatever its size (`FactoredEngine._side`), so DemoCNN's conv1 (8 x 10 numbers with the "
+    "bias) is inflated to 1024 and the 9.8k-parameter model gets 4096 features per checkpoint. "
+    "Fix: `k_in = min(side, n_in + bias)`, `k_out = min(side, n_out)` (or keep such layers "
+    "exact).",
 ]
 
 

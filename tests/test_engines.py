@@ -224,3 +224,19 @@ def test_last_layer_path_is_exact(mlp_setup, tmp_path):
     np.testing.assert_allclose(fast.folded_queries(query) @ u.T, exact.influence(query), rtol=1e-4)
     with pytest.raises(tracin.ConfigError, match="exactly one Linear"):
         tracin.featurize(model, task, ckpts, data, projection="last_layer")
+
+
+def test_transformer_encoder_uses_hooks_and_fallback():
+    torch.manual_seed(6)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 3, 2)).double().eval()
+    x = torch.randn(4, 3, 8, dtype=torch.float64)
+    y = torch.randint(0, 2, (4,))
+    names = [n for n, _ in model.named_parameters()]
+    eng = FactoredEngine(model, names, ProjectionConfig())
+    assert "0.self_attn.out_proj.weight" in eng.rest.names  # not hooked: MHA never calls it
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    feats, sq = eng.features(weights, ce, (x, y), 0)
+    oracle = brute_force_grads(model, model.state_dict(), ce, rows((x, y))[:4])
+    np.testing.assert_allclose(feats.numpy(), oracle, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(sq.numpy(), (oracle**2).sum(1), rtol=1e-9)

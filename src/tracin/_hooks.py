@@ -83,8 +83,11 @@ def supported_layers(model: nn.Module, names: Sequence[str]) -> tuple[list[_Laye
     chosen = set(names)
     layers: list[_Layer] = []
     covered: set[str] = set()
+    # MultiheadAttention uses out_proj's weight without calling the module: no hook would fire
+    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    inside_mha = {f"{n}.out_proj" if n else "out_proj" for n in attention}
     for mod_name, module in model.named_modules():
-        if not _supported(module):
+        if not _supported(module) or mod_name in inside_mha:
             continue
         prefix = f"{mod_name}." if mod_name else ""
         weight = f"{prefix}weight"

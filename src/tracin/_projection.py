@@ -151,7 +151,8 @@ class DenseProjector:
         if hit is not None:
             return hit
         mat = self.matrix_block(checkpoint, layer, block, rows)
-        if (len(self._cache) + 1) * self.block_rows * self.k * 4 <= self.cache_bytes:
+        held = sum(m.numel() * m.element_size() for m in self._cache.values())
+        if held + mat.numel() * mat.element_size() <= self.cache_bytes:
             self._cache[key] = mat
         return mat
 
