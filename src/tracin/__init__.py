@@ -15,6 +15,7 @@ gradient of the per-example loss (or of a prediction score, for unlabelled queri
 from tracin._api import featurize, open
 from tracin._checkpoints import Checkpoint, Checkpoints
 from tracin._errors import CheckpointError, ConfigError, DataError, TaskError, TracInError
+from tracin._ideal import TracInIdeal
 from tracin._index import ExactIndex, FaissIndex, NeighborIndex
 from tracin._index import neighbors as index_neighbors
 from tracin._recorder import CheckpointRecorder, log_spaced_steps
@@ -43,6 +44,7 @@ __all__ = [
     "Task",
     "TaskError",
     "TracInError",
+    "TracInIdeal",
     "__version__",
     "check_task",
     "featurize",
