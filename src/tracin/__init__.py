@@ -10,7 +10,13 @@ gradient of the per-example loss (or of a prediction score, for unlabelled queri
     run = tracin.featurize(model, task, ckpts, train_dataset)
     run.self_influence()              # (N,)
     run.proponents(query_batch, k=10) # Neighbors(indices, scores), each (Q, k)
+
+``tracin.TracInTrainerCallback`` (Hugging Face ``Trainer``, extra ``[hf]``) and
+``tracin.TracInLightningCallback`` (extra ``[lightning]``) record checkpoints like
+`CheckpointRecorder`; they are built on first access, so ``import tracin`` imports neither package.
 """
+
+from typing import Any
 
 from tracin._api import featurize, open
 from tracin._checkpoints import Checkpoint, Checkpoints
@@ -25,6 +31,20 @@ from tracin._store import StoreError
 from tracin._task import ClassificationTask, RegressionTask, Task, check_task
 
 __version__ = "0.1.0"
+
+_CALLBACKS = {"TracInTrainerCallback": "trainer", "TracInLightningCallback": "lightning"}
+
+
+def __getattr__(name: str) -> Any:
+    """Build the optional framework callbacks on first access (their packages are extras)."""
+    if name in _CALLBACKS:
+        from tracin import _callbacks
+
+        if _CALLBACKS[name] == "trainer":
+            return _callbacks.trainer_callback_class()
+        return _callbacks.lightning_callback_class()
+    raise AttributeError(f"module 'tracin' has no attribute {name!r}")
+
 
 __all__ = [
     "Checkpoint",

@@ -21,7 +21,15 @@ from tracin._checkpoints import Checkpoints
 from tracin._errors import ConfigError
 from tracin._store import atomic_write
 
-__all__ = ["CheckpointRecorder", "log_spaced_steps"]
+__all__ = [
+    "CheckpointRecorder",
+    "check_schedule",
+    "current_lr",
+    "log_spaced_steps",
+    "optimizer_parameter_names",
+    "save_checkpoint",
+    "wants_step",
+]
 
 
 def log_spaced_steps(total_steps: int, count: int, first: int = 1) -> list[int]:
@@ -35,6 +43,73 @@ def log_spaced_steps(total_steps: int, count: int, first: int = 1) -> list[int]:
         )
     raw = np.geomspace(first, total_steps, num=count)
     return sorted({round(float(s)) for s in raw})
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The one learning rate of ``optimizer``'s parameter groups (an error if they differ)."""
+    lrs = sorted({float(g["lr"]) for g in optimizer.param_groups})
+    if len(lrs) != 1:
+        raise ConfigError(
+            f"the optimiser's parameter groups have different learning rates {lrs}; "
+            "TracInCP weights each checkpoint by one lr: record them yourself and pass lr=[...]"
+        )
+    return lrs[0]
+
+
+def optimizer_parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimiser's parameters in its state's index order (groups, then params).
+
+    Frameworks group parameters (Hugging Face's Trainer puts biases and norms in a no-decay
+    group), so this order is not ``model.parameters()``'s; preconditioning reads it.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names.get(id(p), "") for g in optimizer.param_groups for p in g["params"]]
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    *,
+    save_optimizer: bool = False,
+) -> Path:
+    """Write ``directory/step_<n>.pt`` atomically: the format every recorder and callback uses.
+
+    The payload is ``{"model_state_dict", "step", "lr"}`` with the optimiser's current lr (call
+    this after ``optimizer.step()`` and the scheduler's step, so it is the lr in force for the
+    updates after the checkpoint), plus ``"optimizer_state_dict"`` and
+    ``"optimizer_param_names"`` (its parameters' names in state order) with ``save_optimizer``.
+    """
+    payload: dict[str, Any] = {
+        "model_state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "step": int(step),
+        "lr": current_lr(optimizer),
+    }
+    if save_optimizer:
+        payload["optimizer_state_dict"] = optimizer.state_dict()
+        payload["optimizer_param_names"] = optimizer_parameter_names(model, optimizer)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    path = Path(directory) / f"step_{int(step):09d}.pt"
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def wants_step(step: int, steps: frozenset[int] | None, every: int | None) -> bool:
+    """Whether ``step`` is in ``steps``, or a multiple of ``every``."""
+    if steps is not None:
+        return step in steps
+    return every is not None and step % every == 0
+
+
+def check_schedule(steps: Iterable[int] | None, every: int | None) -> frozenset[int] | None:
+    """Validate a ``steps=``/``every=`` pair; returns ``steps`` as a set."""
+    if (steps is None) == (every is None):
+        raise ConfigError("give exactly one of steps=[...] or every=N")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"every={every!r} must be a positive integer")
+    return None if steps is None else frozenset(int(s) for s in steps)
 
 
 class CheckpointRecorder:
@@ -55,21 +130,14 @@ class CheckpointRecorder:
         every: int | None = None,
         save_optimizer: bool = False,
     ) -> None:
-        if (steps is None) == (every is None):
-            raise ConfigError("give exactly one of steps=[...] or every=N to CheckpointRecorder")
-        if every is not None and (isinstance(every, bool) or every < 1):
-            raise ConfigError(f"every={every!r} must be a positive integer")
         self.directory = Path(directory)
-        self.steps = None if steps is None else frozenset(int(s) for s in steps)
+        self.steps = check_schedule(steps, every)
         self.every = every
         self.save_optimizer = save_optimizer
 
     def wants(self, step: int) -> bool:
         """Whether ``step`` is a step to save at."""
-        if self.steps is not None:
-            return step in self.steps
-        assert self.every is not None
-        return step % self.every == 0
+        return wants_step(step, self.steps, self.every)
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> Path | None:
         """Save if ``step`` is one to save at; returns the file written, if any."""
@@ -77,26 +145,8 @@ class CheckpointRecorder:
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> Path:
         """Save ``model``'s state with ``step`` and the optimiser's current lr, atomically."""
-        lrs = sorted({float(g["lr"]) for g in optimizer.param_groups})
-        if len(lrs) != 1:
-            raise ConfigError(
-                f"the optimiser's parameter groups have different learning rates {lrs}; "
-                "TracInCP weights each checkpoint by one lr: record them yourself and pass lr=[...]"
-            )
-        payload: dict[str, Any] = {
-            "model_state_dict": {
-                k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-            },
-            "step": int(step),
-            "lr": lrs[0],
-        }
-        if self.save_optimizer:
-            payload["optimizer_state_dict"] = optimizer.state_dict()
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        path = self.directory / f"step_{int(step):09d}.pt"
-        atomic_write(path, buf.getvalue())
-        return path
+        return save_checkpoint(self.directory, model, optimizer, step,
+                               save_optimizer=self.save_optimizer)  # fmt: skip
 
     def paths(self) -> list[Path]:
         """The checkpoint files recorded so far, by step."""
