@@ -132,6 +132,7 @@ def featurize(
     query_task: Task | None = None,
     overwrite: bool = False,
     progress: Any = None,
+    precondition: str | None = None,
 ) -> Run:
     """Take training gradients at every checkpoint and return a `Run` to query.
 
@@ -162,6 +163,9 @@ def featurize(
             no model).
         query_task: task whose query score is used for ``queries`` (default: ``task``).
         overwrite: replace an existing store made with a different configuration.
+        precondition: ``"adam"`` scales every gradient by ``(sqrt(v_hat) + eps)^{-1/2}`` from
+            each checkpoint's saved Adam state, so scores are ``sum_c lr_c <Gamma_c g, g'>``
+            (LESS); needs checkpoints saved with the optimiser state and the torch.func engine.
 
     Under ``torch.distributed`` (e.g. ``torchrun``; initialise the process group first), the
     store's blocks are split across ranks (rank ``r`` computes blocks ``r, r + W, ...``); every
@@ -178,7 +182,7 @@ def featurize(
     kind = projection or ("gaussian" if proj_dim is not None else "identity")
     proj = ProjectionConfig(kind, proj_dim, seed)  # type: ignore[arg-type]
     names = tuple(select_parameters(model, layers))
-    config = RunConfig(names, proj, dtype, block_rows, batch_size, engine)
+    config = RunConfig(names, proj, dtype, block_rows, batch_size, engine, precondition)
     feature_engine = make_engine(model, config)
     if isinstance(feature_engine, FactoredEngine) and proj.kind == "last_layer":
         proj = dataclasses.replace(proj, split=feature_engine.split())
@@ -314,7 +318,7 @@ def open(
     cfg = manifest["config"]
     proj = ProjectionConfig(**cfg["projection"])
     config = RunConfig(tuple(cfg["parameters"]), proj, cfg["dtype"], cfg["block_rows"], batch_size,
-                       engine)  # fmt: skip
+                       engine, cfg.get("precondition"))  # fmt: skip
     entries = manifest["checkpoints"]
     source = None
     if model is not None:

@@ -30,6 +30,7 @@ from tracin._engine import (
 from tracin._errors import ConfigError, DataError
 from tracin._hooks import FactoredEngine, supported_layers
 from tracin._params import fit_state
+from tracin._precondition import PreconditionedFeatures, check_precondition
 from tracin._projection import ProjectionConfig, Projector, checkpoint_key, make_projector
 from tracin._store import EMBEDDING, FeatureStore
 
@@ -56,6 +57,8 @@ class RunConfig:
         block_rows: rows per stored block.
         batch_size: rows per gradient batch.
         engine: ``"functional"`` (torch.func), ``"factored"`` (layer hooks) or ``"auto"``.
+        precondition: ``None``, or ``"adam"`` to scale gradients by each checkpoint's Adam
+            second moment (see `tracin._precondition`).
     """
 
     parameters: tuple[str, ...]
@@ -64,6 +67,7 @@ class RunConfig:
     block_rows: int
     batch_size: int
     engine: str = "auto"
+    precondition: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The comparable part of the configuration (batch size does not change results)."""
@@ -82,6 +86,10 @@ def make_engine(model: nn.Module, config: RunConfig) -> FeatureEngine:
     names, proj = config.parameters, config.projection
     if config.engine not in ("auto", "functional", "factored"):
         raise ConfigError(f"engine={config.engine!r}; expected 'auto', 'functional' or 'factored'")
+    if config.precondition is not None:
+        check_precondition(config.precondition, config.engine, proj.kind)
+        sizes = _sizes(model, names)
+        return PreconditionedFeatures(model, names, make_projector(proj, sizes), sum(sizes))
     _, rest = supported_layers(model, names)
     factored = config.engine == "factored" or (
         config.engine == "auto" and not rest and proj.kind in ("identity", "kronecker")
@@ -210,8 +218,11 @@ class GradientSource:
         self.batch_size = batch_size
 
     def weights(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-        """The checkpoint's tensors, fitted to the model."""
-        return fit_state(self.model, checkpoint.state_dict(), repr(checkpoint.id))
+        """The checkpoint's tensors, fitted to the model (with its preconditioner, if any)."""
+        weights = fit_state(self.model, checkpoint.state_dict(), repr(checkpoint.id))
+        if isinstance(self.engine, PreconditionedFeatures):
+            return self.engine.bind_checkpoint(weights, checkpoint)
+        return weights
 
     def batch_features(
         self,

@@ -1,0 +1,185 @@
+"""Optimizer-aware TracIn: gradients preconditioned by Adam's second moment, as LESS does.
+
+For a model trained with Adam (or AdamW), the update at checkpoint c moves the weights along
+``Gamma_c g`` rather than ``g``, with ``Gamma_c = diag(1 / (sqrt(v_hat_c) + eps))``, ``v_hat_c``
+the bias-corrected second-moment estimate ``v / (1 - beta2^t)`` saved with the checkpoint
+(Xia et al., LESS, arXiv 2402.04333). The preconditioned score is
+
+    TracIn_adam(z, z') = sum_c lr_c * < Gamma_c g_c(z), g_c(z') >
+
+Convention: since ``Gamma_c`` is diagonal and positive, ``<Gamma g, g'> = <s * g, s * g'>`` with
+``s = Gamma^{1/2} = (sqrt(v_hat) + eps)^{-1/2}`` elementwise. Every gradient, training and query
+alike, is scaled by ``s_c`` before projection, so the features stay one vector per row:
+self-influence is ``sum_c lr_c ||s_c * g_c(z)||^2 = sum_c lr_c <Gamma_c g_c(z), g_c(z)>``, and
+folding, retrieval and clustering are unchanged. (LESS itself preconditions only the training
+gradient and normalises; the inner product here is the same, written symmetrically.)
+
+The elementwise scale does not factor through a layer's ``a (x) d`` structure, so this needs
+the torch.func engine (no ``engine='factored'``, no Kronecker or last-layer projection).
+
+Adam's state is indexed by parameter position in the optimiser. The recorders and callbacks save
+the names in that order (``optimizer_param_names``); without them, the optimiser is assumed to
+have been built as ``Adam(model.parameters())``, and every size is checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tracin._batch import Batch
+from tracin._checkpoints import Checkpoint
+from tracin._engine import FunctionalEngine, ScoreFn
+from tracin._errors import CheckpointError, ConfigError
+
+__all__ = ["PRECONDITIONERS", "PreconditionedFeatures", "adam_scales", "check_precondition"]
+
+PRECONDITIONERS = ("adam",)
+_FIX = (
+    "record checkpoints with CheckpointRecorder(save_optimizer=True) (or the callbacks' "
+    "save_optimizer=True), or featurize without precondition"
+)
+
+
+def check_precondition(value: Any, engine: str, projection: str) -> None:
+    """Refuse an unknown preconditioner, or one combined with a factored engine/projection."""
+    if value is None:
+        return
+    if value not in PRECONDITIONERS:
+        raise ConfigError(
+            f"precondition={value!r}; expected None or one of {list(PRECONDITIONERS)}"
+        )
+    if engine == "factored" or projection in ("kronecker", "last_layer"):
+        raise ConfigError(
+            f"precondition={value!r} scales each gradient entry, which the factored engine's "
+            f"a (x) d form cannot (engine={engine!r}, projection={projection!r}): use "
+            "engine='functional' or 'auto' with projection=None, 'gaussian' or 'rademacher'"
+        )
+
+
+def _optimizer_state(checkpoint: Checkpoint) -> tuple[Mapping[str, Any], list[str] | None]:
+    payload = checkpoint.payload()
+    state = payload.get("optimizer_state_dict") if isinstance(payload, Mapping) else None
+    if not isinstance(state, Mapping) or "state" not in state or "param_groups" not in state:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.id!r} holds no optimizer_state_dict, which "
+            f"precondition='adam' reads: {_FIX}"
+        )
+    names = payload.get("optimizer_param_names")
+    return state, None if names is None else [str(n) for n in names]
+
+
+def _index_of(
+    state: Mapping[str, Any], names: list[str] | None, model: nn.Module, where: str
+) -> dict[str, tuple[int, Mapping[str, Any]]]:
+    """Parameter name -> (state index, its param group)."""
+    positions = [(i, g) for g in state["param_groups"] for i in g["params"]]
+    if names is None:  # assumed: the optimiser was built from model.parameters(), in order
+        names = [n for n, _ in model.named_parameters()]
+    if len(names) != len(positions):
+        raise CheckpointError(
+            f"checkpoint {where}: the optimiser has {len(positions)} parameters but "
+            f"{len(names)} names to match them to; build the optimiser from model.parameters() "
+            "or record with CheckpointRecorder(save_optimizer=True), which saves their names"
+        )
+    return {n: pos for n, pos in zip(names, positions, strict=True) if n}
+
+
+def adam_scales(
+    checkpoint: Checkpoint, model: nn.Module, names: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """``s = (sqrt(v_hat) + eps)^{-1/2}`` per selected parameter, float64, at ``checkpoint``.
+
+    Raises:
+        CheckpointError: no optimiser state, no Adam moment for a parameter, or a size mismatch.
+    """
+    where = repr(checkpoint.id)
+    state, saved_names = _optimizer_state(checkpoint)
+    index = _index_of(state, saved_names, model, where)
+    params = dict(model.named_parameters())
+    scales = {}
+    for name in names:
+        if name not in index:
+            raise CheckpointError(
+                f"checkpoint {where}: parameter {name!r} is not in the saved optimiser; select "
+                "only trained parameters with layers=[...]"
+            )
+        i, group = index[name]
+        moments = state["state"].get(i, {})
+        v = moments.get("max_exp_avg_sq") if group.get("amsgrad") else moments.get("exp_avg_sq")
+        if v is None:
+            raise CheckpointError(
+                f"checkpoint {where}: no Adam second moment (exp_avg_sq) for {name!r}; "
+                "precondition='adam' needs an Adam/AdamW optimiser that has updated it"
+            )
+        if tuple(v.shape) != tuple(params[name].shape):
+            raise CheckpointError(
+                f"checkpoint {where}: Adam state {i} has shape {tuple(v.shape)} but {name!r} has "
+                f"{tuple(params[name].shape)}: the optimiser's parameter order differs from the "
+                "model's; record with CheckpointRecorder(save_optimizer=True)"
+            )
+        t = float(moments["step"])
+        beta2, eps = float(group["betas"][1]), float(group["eps"])
+        v_hat = v.detach().double().cpu() / (1.0 - beta2**t)
+        scales[name] = (v_hat.sqrt() + eps).rsqrt()
+    return scales
+
+
+class _ScaledWeights(dict[str, torch.Tensor]):
+    """A checkpoint's weights, carrying the flat gradient scale of that checkpoint."""
+
+    scale: torch.Tensor
+
+
+class PreconditionedFeatures:
+    """torch.func gradients scaled by a checkpoint's Adam preconditioner, then projected.
+
+    `bind_checkpoint` attaches the scale to the checkpoint's weights (the feature source calls
+    it when it loads a checkpoint); `features` and `sqnorms` read it from there.
+    """
+
+    def __init__(
+        self, model: nn.Module, names: Sequence[str], projector: Any, n_params: int
+    ) -> None:
+        self.model = model
+        self.names = tuple(names)
+        self.engine = FunctionalEngine(model, names)
+        self.projector = projector
+        self.n_params = n_params
+
+    def dim(self) -> int:
+        """Feature dimension."""
+        return int(self.projector.dim(self.n_params))
+
+    def bind_checkpoint(
+        self, weights: Mapping[str, torch.Tensor], checkpoint: Checkpoint
+    ) -> _ScaledWeights:
+        """``weights`` with ``checkpoint``'s flat scale ``(P,)`` attached."""
+        scales = adam_scales(checkpoint, self.model, self.names)
+        bound = _ScaledWeights(weights)
+        bound.scale = torch.cat([scales[n].flatten() for n in self.names])
+        return bound
+
+    def _scaled(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> torch.Tensor:
+        if not isinstance(weights, _ScaledWeights):
+            raise ConfigError("preconditioned features need weights from bind_checkpoint")
+        g = self.engine.gradients(weights, score, batch)
+        return g * weights.scale.to(device=g.device, dtype=g.dtype)
+
+    def features(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch, checkpoint: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected scaled gradients and their exact squared norms (float64)."""
+        g = self._scaled(weights, score, batch)
+        return self.projector.project(g, checkpoint), g.pow(2).sum(dim=1, dtype=torch.float64)
+
+    def sqnorms(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> torch.Tensor:
+        """Squared norms of the scaled gradients ``(B,)``, float64."""
+        return self._scaled(weights, score, batch).pow(2).sum(dim=1, dtype=torch.float64)
