@@ -50,8 +50,12 @@ def test_dataset_that_changes_length_after_featurize(mlp_setup):
 
 def test_labels_out_of_range_and_of_the_wrong_dtype(mlp_setup):
     x, y = mlp_setup[1]
-    with pytest.raises(tracin.DataError, match=r"failed on train rows 0\.\.29.*out of bounds"):
-        run_of(mlp_setup, data=TensorDataset(x, y + 7), batch_size=64)
+    with pytest.raises(tracin.DataError, match=r"failed on train rows 0\.\.7.*out of bounds"):
+        run_of(mlp_setup, data=TensorDataset(x, y + 7), batch_size=64)  # the first-batch check
+    late = y.clone()
+    late[20] = 99  # past the rows the first-batch check sees: named by its batch
+    with pytest.raises(tracin.DataError, match=r"failed on train rows 16\.\.29.*out of bounds"):
+        run_of(mlp_setup, data=TensorDataset(x, late), batch_size=16)
     with pytest.raises(tracin.TaskError, match="needs integer class indices"):
         run_of(mlp_setup, data=TensorDataset(x, y.double()))
 
@@ -66,8 +70,8 @@ def test_query_of_the_wrong_shape(mlp_setup):
 def test_nan_gradients_name_the_rows(mlp_setup):
     x, y = mlp_setup[1]
     x = x.clone()
-    x[[4, 17]] = float("nan")
-    with pytest.raises(tracin.DataError, match=r"not finite for rows \[4, 17\]"):
+    x[[12, 17]] = float("nan")  # past the first-batch check's rows: the gradient pass names them
+    with pytest.raises(tracin.DataError, match=r"non-finite gradients for train rows \[12, 17\]"):
         run_of(mlp_setup, data=TensorDataset(x, y))
 
 

@@ -57,16 +57,35 @@ class Shared(nn.Module):
 
 
 class WithNorm(nn.Module):
-    """LayerNorm parameters are not hookable: they fall back to torch.func."""
+    """LayerNorm and BatchNorm (eval) are hooked; a free parameter falls back to torch.func."""
 
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(4, 6)
         self.norm = nn.LayerNorm(6)
+        self.bn = nn.BatchNorm1d(6)
+        self.scale = nn.Parameter(torch.ones(6))
         self.out = nn.Linear(6, 2)
 
     def forward(self, x):
-        return self.out(self.norm(self.lin(x)))
+        return self.out(self.bn(self.norm(self.lin(x))) * self.scale)
+
+
+class NormSeq(nn.Module):
+    """LayerNorm over a sequence, LayerNorm without bias, BatchNorm2d after a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.norm = nn.LayerNorm(3, bias=False)
+        self.norm2 = nn.LayerNorm((4, 3))
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))  # (B, 3, 4, 4)
+        h = self.norm2(self.norm(h.permute(0, 2, 3, 1)).flatten(1, 2)[:, :4])  # (B, 4, 3)
+        return self.out(h.mean(1))
 
 
 def cases():
@@ -85,6 +104,7 @@ def cases():
         "conv1d+conv2d": (Convs, {"x1": x1, "x2": x2, "labels": y2}),
         "shared": (Shared, (x4, y2)),
         "fallback": (WithNorm, (x4, y2)),
+        "norms": (NormSeq, (torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64), y2)),
     }
 
 
@@ -117,13 +137,67 @@ def test_exact_features_equal_backward_oracle(kind, case):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
+        for name, b in model.named_buffers():  # BatchNorm's running statistics, not 0 and 1
+            if name.endswith(("running_mean", "running_var")):
+                b.uniform_(0.5, 2.0)
     names = [n for n, _ in model.named_parameters()]
     weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     weights = {k: v.detach() for k, v in weights.items()}
-    feats, sq = engine(kind, model, names).features(weights, ce, batch, 0)
+    eng = engine(kind, model, names)
+    feats, sq = eng.features(weights, ce, batch, 0)
     oracle = brute_force_grads(model, model.state_dict(), ce, rows(batch))
     np.testing.assert_allclose(feats.numpy(), oracle, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(sq.numpy(), (oracle**2).sum(1), rtol=1e-10)
+    np.testing.assert_allclose(eng.sqnorms(weights, ce, batch).numpy(), sq.numpy(), rtol=1e-10)
+    if kind == "factored":  # only what no hook can capture goes to torch.func
+        rest = [] if eng.rest is None else list(eng.rest.names)
+        assert rest == (["scale"] if case == "fallback" else [])
+
+
+@pytest.mark.parametrize("case", ["conv1d+conv2d", "norms"])
+def test_kronecker_convolutions_and_norms(case):
+    """Conv inputs projected by a convolution with P_in equal (P_out x P_in) on the exact
+    gradient; norm layers stay exact; squared norms stay exact."""
+    torch.manual_seed(7)
+    cls, batch = cases()[case]
+    model = cls().double().eval()
+    names = [n for n, _ in model.named_parameters()]
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    eng = FactoredEngine(model, names, ProjectionConfig("kronecker", 4, seed=2))
+    feats, sq = eng.features(weights, ce, batch, checkpoint=5)
+    exact, _ = FactoredEngine(model, names, ProjectionConfig()).features(weights, ce, batch, 5)
+    torch.testing.assert_close(sq, exact.pow(2).sum(1), rtol=1e-12, atol=0)
+    assert feats.shape == (6, eng.dim())
+    offset, col = 0, 0
+    params = dict(model.named_parameters())
+    for layer in eng.layers:
+        w = params[layer.weight]
+        n_b = 0 if layer.bias is None else params[layer.bias].numel()
+        g = exact[:, offset : offset + w.numel()]
+        if isinstance(layer.module, nn.Conv1d | nn.Conv2d | nn.Linear):
+            g = g.reshape(6, w.shape[0], -1)
+            if n_b:
+                b = exact[:, offset + w.numel() : offset + w.numel() + n_b]
+                g = torch.cat([g, b[:, :, None]], 2)
+            (k_out, k_in), (n_out, n_in) = eng._sides(layer), g.shape[1:]
+            eye = torch.eye(max(n_out, n_in), dtype=torch.float64)
+            p_in = (
+                eng._matrix(5, layer.index, 0, n_in).double() if k_in < n_in else eye[:n_in, :n_in]
+            )
+            p_out = (
+                eng._matrix(5, layer.index, 1, n_out).double()
+                if k_out < n_out
+                else eye[:n_out, :n_out]
+            )
+            want = torch.einsum("bij,ik,jl->bkl", g, p_out, p_in).reshape(6, -1)
+        else:  # norm layers stay exact
+            want = exact[:, offset : offset + w.numel() + n_b]
+        torch.testing.assert_close(
+            feats[:, col : col + want.shape[1]], want, rtol=1e-10, atol=1e-12
+        )
+        offset += w.numel() + n_b
+        col += want.shape[1]
+    assert col == eng.dim()
 
 
 def test_padding_positions_do_not_count():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import tracin
-from tracin._batch import Batch, Data, batch_size, iter_batches, map_tensors
+from tracin._batch import Batch, Data, batch_size, iter_batches, map_tensors, slice_batch
 from tracin._checkpoints import Checkpoint, Checkpoints
 from tracin._engine import functional_model
 from tracin._errors import ConfigError, DataError
@@ -262,12 +262,17 @@ def _barrier(shard: tuple[int, int]) -> None:
         torch.distributed.barrier()
 
 
+_CHECK_ROWS = 8
+
+
 def _check_first_batch(
     source: GradientSource, task: Task, first_ckpt: Checkpoint, data: Data | Batch
 ) -> int:
     batch = next(iter(iter_batches(data, source.batch_size)), None)
     if batch is None:
         raise DataError("the training data is empty; featurize needs at least one row")
+    # a few rows tell a per-example loss from a batch-mean one; a whole batch costs more
+    batch = slice_batch(batch, 0, min(batch_size(batch), _CHECK_ROWS))
     batch = map_tensors(lambda t: t.to(device_of(source.model)), batch)
     model = functional_model(source.model, source.weights(first_ckpt))
     with model_errors("train", 0, batch_size(batch), first_ckpt.id):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 
 from tracin._errors import DataError, TaskError
 
@@ -140,6 +140,11 @@ def iter_batches(data: Data | Batch, batch_size_: int) -> Iterator[Batch]:
         batch_size_: rows per batch for a Dataset or an in-memory batch (a DataLoader keeps
             its own).
     """
+    if type(data) is TensorDataset:  # slices, not a DataLoader's per-row indexing and collate
+        n = len(data)
+        for start in range(0, n, batch_size_):
+            yield [t[start : start + batch_size_] for t in data.tensors]
+        return
     if isinstance(data, Dataset | DataLoader):
         yield from _loader(data, batch_size_)
         return

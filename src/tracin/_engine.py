@@ -76,6 +76,22 @@ class FunctionalEngine:
         self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
     ) -> torch.Tensor:
         """Per-example gradients of ``score``, shape ``(B, P)``."""
+        return torch.cat(list(self.gradient_dict(weights, score, batch).values()), dim=1)
+
+    def sqnorms(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> torch.Tensor:
+        """Squared per-example gradient norms ``(B,)``, float64, without concatenating them."""
+        grads = self.gradient_dict(weights, score, batch).values()
+        return sum(
+            (g.pow(2).sum(1, dtype=torch.float64) for g in grads),
+            torch.zeros((), dtype=torch.float64),
+        )
+
+    def gradient_dict(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> dict[str, torch.Tensor]:
+        """Per-example gradients ``(B, numel)`` of each selected parameter, in model order."""
         params = {n: weights[n] for n in self.names}
         frozen = {n: w for n, w in weights.items() if n not in params}
         leaves, rebuild = _flatten(batch)
@@ -93,7 +109,7 @@ class FunctionalEngine:
             return out[0]
 
         grads = vmap(grad(one), in_dims=(None, *([0] * len(leaves))))(params, *leaves)
-        return torch.cat([grads[name].reshape(n, -1) for name in self.names], dim=1)
+        return {name: grads[name].reshape(n, -1) for name in self.names}
 
 
 class FeatureEngine(Protocol):
@@ -139,4 +155,4 @@ class FunctionalFeatures:
         self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
     ) -> torch.Tensor:
         """Squared gradient norms ``(B,)``, float64."""
-        return self.engine.gradients(weights, score, batch).pow(2).sum(dim=1, dtype=torch.float64)
+        return self.engine.sqnorms(weights, score, batch)

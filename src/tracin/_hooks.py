@@ -1,12 +1,15 @@
 """Factored per-example gradients: capture each layer's input ``a`` and output gradient ``d``.
 
-For ``nn.Linear`` (with or without a sequence dimension), ``nn.Conv1d``/``nn.Conv2d`` (as a
+For ``nn.Linear`` (with or without a sequence dimension), ``nn.Conv1d``/``nn.Conv2d`` (a
 Linear over unfolded patches) and ``nn.Embedding`` (one-hot inputs), the per-example gradient of
 the weight is ``G = sum_t d_t a_t^T``; a bias is one more input column of ones. One batched forward
 and one ``autograd.grad`` to the layer outputs give every example's ``a`` and ``d``: no loop over
-examples, no weight gradients. From them:
+examples. Normalisation layers (LayerNorm, BatchNorm in eval mode) are elementwise:
+their per-example gradients are ``sum_t d_t * xhat_t`` (weight) and ``sum_t d_t`` (bias), with
+``xhat`` the normalised input recorded by the hook; they are always kept exact. From them:
 
-- exact features: ``G`` itself, flattened like ``param.flatten()`` (weight, then bias);
+- exact features: ``G`` itself, flattened like ``param.flatten()`` (weight, then bias); for a
+  convolution by one grouped convolution backward (`tracin._conv`), never unfolding;
 - Kronecker projection (LoGra): ``sum_t (P_out^T d_t)(a_t^T P_in)``, never forming ``G``;
 - exact ``||G||^2``: ``||a||^2 ||d||^2`` for one position, else ``sum(Gram(d) * Gram(a))`` or
   ``||G||^2`` directly, whichever is cheaper.
@@ -17,9 +20,7 @@ a forward pass (weight sharing) accumulates over all its calls, which is the exa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,157 +29,30 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.func import functional_call
 
+from tracin import _conv
 from tracin._batch import Batch
 from tracin._engine import FunctionalEngine, ScoreFn
 from tracin._errors import ConfigError, TaskError
+from tracin._layers import (
+    _Call,
+    _capture,
+    _cat,
+    _conv_gradients,
+    _exact,
+    _is_conv,
+    _is_norm,
+    _last_layer,
+    _Layer,
+    _layer_positions,
+    _layer_shape,
+    _norm_gradients,
+    _rows,
+    _sqnorm,
+    supported_layers,
+)
 from tracin._projection import ProjectionConfig
 
 __all__ = ["FactoredEngine", "supported_layers"]
-
-
-@dataclass
-class _Layer:
-    """One hooked module and what is captured from it during a pass."""
-
-    name: str
-    module: nn.Module
-    index: int
-    weight: str
-    bias: str | None
-    inputs: list[torch.Tensor] = field(default_factory=list)
-    outputs: list[torch.Tensor] = field(default_factory=list)
-
-
-def _layer_shape(layer: _Layer) -> tuple[int, int]:
-    """``(out, in)`` of the layer's gradient matrix ``G`` (bias column included in ``in``)."""
-    weight = layer.module.weight
-    assert isinstance(weight, torch.Tensor)
-    if isinstance(layer.module, nn.Embedding):
-        return int(weight.shape[1]), int(weight.shape[0])  # G^T: (dim, rows) as d a^T
-    n_in = int(weight[0].numel()) + (1 if layer.bias is not None else 0)
-    return int(weight.shape[0]), n_in
-
-
-def _conv_ok(module: nn.Module) -> bool:
-    return (
-        isinstance(module, nn.Conv1d | nn.Conv2d)
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    )
-
-
-def _supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Embedding):
-        return module.max_norm is None and not module.scale_grad_by_freq
-    return isinstance(module, nn.Linear) or _conv_ok(module)
-
-
-def supported_layers(model: nn.Module, names: Sequence[str]) -> tuple[list[_Layer], list[str]]:
-    """Split selected parameter names into hookable layers and the rest (for torch.func).
-
-    A layer is hooked when its weight is selected and its bias is selected or absent (an
-    Embedding has no bias); anything else falls back to the functional engine.
-    """
-    chosen = set(names)
-    layers: list[_Layer] = []
-    covered: set[str] = set()
-    # MultiheadAttention uses out_proj's weight without calling the module: no hook would fire
-    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    inside_mha = {f"{n}.out_proj" if n else "out_proj" for n in attention}
-    for mod_name, module in model.named_modules():
-        if not _supported(module) or mod_name in inside_mha:
-            continue
-        prefix = f"{mod_name}." if mod_name else ""
-        weight = f"{prefix}weight"
-        bias = f"{prefix}bias" if getattr(module, "bias", None) is not None else None
-        if weight in chosen and (bias is None or bias in chosen):
-            layers.append(_Layer(mod_name, module, len(layers), weight, bias))
-            covered |= {weight} | ({bias} if bias else set())
-    return layers, [n for n in names if n not in covered]
-
-
-def _positions(
-    layer: _Layer, x: torch.Tensor, out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer input per position and output (gradient) per position.
-
-    Returns ``a`` as ``(B, T, in)`` (for an Embedding: indices ``(B, T)``) and ``out`` as
-    ``(B, T, out)``; a convolution's positions are its unfolded patches.
-    """
-    module = layer.module
-    b = x.shape[0]
-    if isinstance(module, nn.Embedding):
-        return x.reshape(b, -1), out.reshape(b, -1, out.shape[-1])
-    if isinstance(module, nn.Linear):
-        return x.reshape(b, -1, x.shape[-1]), out.reshape(b, -1, out.shape[-1])
-    assert isinstance(module, nn.Conv1d | nn.Conv2d)
-    pad = tuple(int(p) for p in module.padding)  # str padding is routed to torch.func
-    spec: list[tuple[int, ...]] = [
-        tuple(module.kernel_size),
-        tuple(module.dilation),
-        pad,
-        tuple(module.stride),
-    ]
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(2)
-        spec = [(1, *s) if i != 2 else (0, *s) for i, s in enumerate(spec)]
-    kernel, dil, padding, stride = spec
-    a = F.unfold(x, kernel, dilation=dil, padding=padding, stride=stride).transpose(1, 2)
-    return a, out.reshape(b, out.shape[1], -1).transpose(1, 2)
-
-
-@contextmanager
-def _capture(layers: Sequence[_Layer]) -> Iterator[None]:
-    """Record every call's input and output of each layer; hooks removed on exit."""
-    handles = []
-    for layer in layers:
-        layer.inputs.clear()
-        layer.outputs.clear()
-
-        def hook(
-            mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, lay: _Layer = layer
-        ) -> None:
-            lay.inputs.append(args[0].detach())
-            lay.outputs.append(out)
-
-        handles.append(layer.module.register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _embedding_grad(idx: torch.Tensor, d: torch.Tensor, rows: int) -> torch.Tensor:
-    """``(B, rows, dim)`` per-example embedding gradients: ``d`` summed into its index rows."""
-    g = torch.zeros(idx.shape[0], rows, d.shape[-1], dtype=d.dtype, device=d.device)
-    return g.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d)
-
-
-def _sqnorm(
-    a: torch.Tensor, d: torch.Tensor, embedding: int | None, bias: bool = False
-) -> torch.Tensor:
-    """Exact squared norm of the weight gradient, plus ``||sum_t d_t||^2`` with a bias."""
-    weight = _weight_sqnorm(a, d, embedding)
-    if bias:
-        weight = weight + d.sum(1).pow(2).sum(1, dtype=torch.float64)
-    return weight
-
-
-def _weight_sqnorm(a: torch.Tensor, d: torch.Tensor, embedding: int | None) -> torch.Tensor:
-    """Exact ``||sum_t d_t a_t^T||^2`` per example, in ``d``'s dtype, summed in float64."""
-    if embedding is not None:  # rows of G are sums of d over equal indices:
-        same = (a.unsqueeze(2) == a.unsqueeze(1)).to(d.dtype)  # (B, T, T), no (B, V, dim) tensor
-        return (torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2), dtype=torch.float64)
-    a = a.to(d.dtype)
-    t, n_in, n_out = a.shape[1], a.shape[2], d.shape[2]
-    if t == 1:
-        return a.pow(2).sum((1, 2), dtype=torch.float64) * d.pow(2).sum((1, 2), dtype=torch.float64)
-    if t * t * (n_in + n_out) < t * n_in * n_out:
-        gram = torch.bmm(d, d.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))
-        return gram.sum((1, 2), dtype=torch.float64)
-    return torch.bmm(d.transpose(1, 2), a).pow(2).sum((1, 2), dtype=torch.float64)
 
 
 class FactoredEngine:
@@ -228,7 +102,12 @@ class FactoredEngine:
             return sum(self.sizes.values())
         if self.projection.kind == "last_layer":
             return self.split() + int(self._weight_shape()[0])
-        return sum(o * i for o, i in (self._sides(layer) for layer in self.layers))
+        return sum(
+            sum(self.sizes[n] for n in (layer.weight, layer.bias) if n)
+            if _is_norm(layer)
+            else int(np.prod(self._sides(layer)))
+            for layer in self.layers
+        )
 
     def _sides(self, layer: _Layer) -> tuple[int, int]:
         """Projected ``(k_out, k_in)`` of a layer.
@@ -265,7 +144,8 @@ class FactoredEngine:
 
     def _captured(
         self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> list[list[_Call]]:
+        """Each layer's calls in one pass, as (input, output gradient) pairs."""
         params = {n: w.detach().requires_grad_(n in self.sizes) if w.is_floating_point() else w
                   for n, w in weights.items()}  # fmt: skip
 
@@ -280,20 +160,16 @@ class FactoredEngine:
             grads = torch.autograd.grad(out.sum(), outputs, allow_unused=True)
         result, i = [], 0
         for layer in self.layers:
-            a_parts, d_parts = [], []
+            calls = []
             for x, o in zip(layer.inputs, layer.outputs, strict=True):
                 g = grads[i] if grads[i] is not None else torch.zeros_like(o)
-                a, d = _positions(layer, x, g.detach())
-                a_parts.append(a)
-                d_parts.append(d)
+                calls.append((x, g.detach()))
                 i += 1
-            if not a_parts:
+            layer.inputs.clear()
+            layer.outputs.clear()
+            if not calls:
                 raise TaskError(f"layer {layer.name!r} was not called by the model's forward pass")
-            a, d = torch.cat(a_parts, 1), torch.cat(d_parts, 1)
-            pad = getattr(layer.module, "padding_idx", None)
-            if pad is not None:  # the padding row gets no gradient (as in nn.Embedding)
-                d = d * (a != pad).unsqueeze(-1).to(d.dtype)
-            result.append((a, d))  # a bias is the column of ones that ``a`` leaves implicit
+            result.append(calls)
         return result
 
     def features(
@@ -301,35 +177,39 @@ class FactoredEngine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features ``(B, dim)`` and exact squared gradient norms ``(B,)`` (float64)."""
         captured = self._captured(weights, score, batch)
-        sq = torch.zeros(captured[0][0].shape[0], dtype=torch.float64)
+        sq = torch.zeros(captured[0][0][0].shape[0], dtype=torch.float64)
+        kind = self.projection.kind
         pieces: dict[str, torch.Tensor] = {}
         kron = []
-        for layer, (a, d) in zip(self.layers, captured, strict=True):
-            emb = layer.module.num_embeddings if isinstance(layer.module, nn.Embedding) else None
-            if self.projection.kind != "identity":
+        for layer, calls in zip(self.layers, captured, strict=True):
+            if _is_conv(layer) or _is_norm(layer):
+                grads = (_conv_gradients if _is_conv(layer) else _norm_gradients)(layer, calls)
+                if kind == "identity":
+                    pieces.update(grads)
+                    continue
+                sq += sum(g.pow(2).sum(1, dtype=torch.float64) for g in grads.values())
+                if _is_norm(layer):  # elementwise layers stay exact
+                    kron.append(torch.cat(list(grads.values()), dim=1))
+                    continue
+                a_proj, d = self._conv_inputs(layer, calls, checkpoint)
+                kron.append(self._kron(layer, a_proj, d, checkpoint))
+                continue
+            a, d = _layer_positions(layer, calls)
+            emb = _rows(layer)
+            if kind != "identity":
                 sq += _sqnorm(a, d, emb, layer.bias is not None)
-            if self.projection.kind == "last_layer":
-                if a.shape[1] != 1:
-                    raise TaskError(
-                        f"layer {layer.name!r} sees {a.shape[1]} positions per example; the "
-                        "last-layer path needs one (use projection='kronecker' for sequences)"
-                    )
-                parts = [a[:, 0].to(d.dtype), d[:, 0]]
-                if layer.bias is not None:
-                    parts.insert(1, torch.ones_like(d[:, 0, :1]))
-                kron.append(torch.cat(parts, dim=1))
-            elif self.projection.kind == "kronecker":
-                kron.append(self._kron(layer, a, d, emb, checkpoint))
+            if kind == "last_layer":
+                kron.append(_last_layer(layer, a, d))
+            elif kind == "kronecker":
+                kron.append(
+                    self._kron(layer, self._linear_inputs(layer, a, checkpoint), d, checkpoint)
+                )
             else:
-                pieces.update(self._exact(layer, a, d, emb))
+                pieces.update(_exact(layer, a, d, emb))
         if kron:
             return torch.cat(kron, dim=1), sq
         if self.rest is not None:
-            g = self.rest.gradients(weights, score, batch)
-            offset = 0
-            for name in self.rest.names:
-                pieces[name] = g[:, offset : offset + self.sizes[name]]
-                offset += self.sizes[name]
+            pieces.update(self.rest.gradient_dict(weights, score, batch))
         for piece in pieces.values():  # exact features: the norm is the features' own
             sq += piece.pow(2).sum(1, dtype=torch.float64)
         return torch.cat([pieces[n] for n in self.names], dim=1), sq
@@ -339,44 +219,51 @@ class FactoredEngine:
     ) -> torch.Tensor:
         """Exact squared gradient norms ``(B,)`` (float64) without forming any gradient."""
         captured = self._captured(weights, score, batch)
-        sq = torch.zeros(captured[0][0].shape[0], dtype=torch.float64)
-        for layer, (a, d) in zip(self.layers, captured, strict=True):
-            emb = layer.module.num_embeddings if isinstance(layer.module, nn.Embedding) else None
-            sq += _sqnorm(a, d, emb, layer.bias is not None)
+        sq = torch.zeros(captured[0][0][0].shape[0], dtype=torch.float64)
+        for layer, calls in zip(self.layers, captured, strict=True):
+            if _is_conv(layer) or _is_norm(layer):
+                fn = _conv_gradients if _is_conv(layer) else _norm_gradients
+                sq += sum(g.pow(2).sum(1, dtype=torch.float64) for g in fn(layer, calls).values())
+            else:
+                a, d = _layer_positions(layer, calls)
+                sq += _sqnorm(a, d, _rows(layer), layer.bias is not None)
         if self.rest is not None:
-            sq += self.rest.gradients(weights, score, batch).pow(2).sum(1, dtype=torch.float64)
+            sq += self.rest.sqnorms(weights, score, batch)
         return sq
 
-    def _exact(
-        self, layer: _Layer, a: torch.Tensor, d: torch.Tensor, emb: int | None
-    ) -> dict[str, torch.Tensor]:
-        b = a.shape[0]
-        if emb is not None:
-            return {layer.weight: _embedding_grad(a, d, emb).reshape(b, -1)}
-        g = torch.bmm(d.transpose(1, 2), a.to(d.dtype))  # (B, out, in)
-        if layer.bias is None:
-            return {layer.weight: g.reshape(b, -1)}
-        return {layer.weight: g.reshape(b, -1), layer.bias: d.sum(1)}
+    def _linear_inputs(self, layer: _Layer, a: torch.Tensor, checkpoint: int) -> torch.Tensor:
+        """``[a, 1] @ P_in`` (one-hot rows of P_in for an Embedding), or ``[a, 1]`` if exact."""
+        n_in, bias, emb = _layer_shape(layer)[1], layer.bias is not None, _rows(layer)
+        if self._sides(layer)[1] < n_in:
+            p_in = self._matrix(checkpoint, layer.index, 0, n_in)
+            if emb is not None:
+                return p_in[a]  # (B, T, k_in)
+            p_in = p_in.to(a.dtype)  # [a, 1] @ P_in without copying a: a @ P_in[:-1] + P_in[-1]
+            return a @ p_in[: n_in - bias] + (p_in[-1] if bias else 0.0)
+        if emb is not None:  # exact: the layer is no wider than the projection
+            return F.one_hot(a, n_in)
+        return torch.cat([a, torch.ones_like(a[..., :1])], dim=2) if bias else a
+
+    def _conv_inputs(
+        self, layer: _Layer, calls: Sequence[_Call], checkpoint: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input patches projected by a convolution with P_in; output gradients per position."""
+        module = layer.module
+        assert isinstance(module, nn.Conv1d | nn.Conv2d)
+        n_in, bias = _layer_shape(layer)[1], layer.bias is not None
+        d = _cat([_conv.output_positions(module, g) for _, g in calls])
+        if self._sides(layer)[1] < n_in:
+            p_in = self._matrix(checkpoint, layer.index, 0, n_in).to(d.dtype)
+            a = _cat([_conv.input_projection(module, x, p_in, bias) for x, _ in calls])
+            return a, d
+        a = _cat([_conv.patches(module, x).to(d.dtype) for x, _ in calls])
+        return (torch.cat([a, torch.ones_like(a[..., :1])], dim=2) if bias else a), d
 
     def _kron(
-        self, layer: _Layer, a: torch.Tensor, d: torch.Tensor, emb: int | None, checkpoint: int
+        self, layer: _Layer, a_proj: torch.Tensor, d: torch.Tensor, checkpoint: int
     ) -> torch.Tensor:
-        n_out, n_in = _layer_shape(layer)  # n_in counts the bias column
-        k_out, k_in = self._sides(layer)
-        bias = layer.bias is not None
-        if k_in < n_in:
-            p_in = self._matrix(checkpoint, layer.index, 0, n_in).to(d.dtype)
-            if emb is not None:
-                a_proj = p_in[a]  # (B, T, k_in)
-            else:  # [a, 1] @ P_in without copying a: a @ P_in[:-1] + P_in[-1]
-                a_proj = a.to(d.dtype) @ p_in[: n_in - bias] + (p_in[-1] if bias else 0.0)
-        elif emb is not None:  # exact: the layer is no wider than the projection
-            a_proj = F.one_hot(a, n_in).to(d.dtype)
-        else:
-            a_proj = a.to(d.dtype)
-            if bias:
-                a_proj = torch.cat([a_proj, torch.ones_like(a_proj[..., :1])], dim=2)
-        d_proj = (
-            d @ self._matrix(checkpoint, layer.index, 1, n_out).to(d.dtype) if k_out < n_out else d
-        )
-        return torch.bmm(d_proj.transpose(1, 2), a_proj).reshape(a.shape[0], -1)
+        """``sum_t (P_out^T d_t)(a_proj_t)^T`` flattened, ``(B, k_out * k_in)``."""
+        n_out = _layer_shape(layer)[0]
+        if self._sides(layer)[0] < n_out:
+            d = d @ self._matrix(checkpoint, layer.index, 1, n_out).to(d.dtype)
+        return torch.bmm(d.transpose(1, 2), a_proj.to(d.dtype)).reshape(d.shape[0], -1)
