@@ -13,7 +13,8 @@ predicted loss of query q for subset S is ``-sum_{z in S} tau(z, q)`` (up to a c
 
     LDS(q) = Spearman over the S subsets of (predicted loss, actual loss),
 
-reported as mean / std / standard error over queries (Park et al. 2023, TRAK). Methods, all
+reported as mean / std / standard error over queries (Park et al. 2023, TRAK), and the paired
+difference from the first method (same queries and subsets) with its standard error. Methods, all
 from the full run with `tracin.featurize` + `run.influence`:
 
 - ``tracincp exact``: all parameters, the C checkpoints after epochs evenly spaced (C = 5:
@@ -174,13 +175,20 @@ def evaluate(
             f"{n_subsets} subset models in {retrain_s:.1f} s; run-to-run Spearman "
             f"{ceiling['mean']:.3f} +- {ceiling['std']:.3f}")  # fmt: skip
     print(head)
-    print(f"  {'method':<28} {'LDS':>7} {'std':>6} {'s.e.':>6} {'seconds':>8}")
+    print(f"  {'method':<28} {'LDS':>7} {'std':>6} {'s.e.':>6} {'vs exact':>9} {'s.e.':>6} "
+          f"{'seconds':>8}")  # fmt: skip
     rows = []
+    reference = None
     for name, seconds, scores in methods(kind, trained, data, queries, ideal):
-        s = summary(lds(scores, masks, losses))
-        se = s["std"] / np.sqrt(s["n"])
-        rows.append({"method": name, "lds": s, "stderr": se, "seconds": seconds})
-        print(f"  {name:<28} {s['mean']:>7.3f} {s['std']:>6.3f} {se:>6.3f} {seconds:>8.2f}")
+        per_query = lds(scores, masks, losses)
+        reference = per_query if reference is None else reference
+        s, diff = summary(per_query), per_query - reference  # paired: same queries and subsets
+        se, diff_se = s["std"] / np.sqrt(s["n"]), np.nanstd(diff) / np.sqrt(s["n"])
+        rows.append({"method": name, "lds": s, "stderr": se, "vs_exact": float(np.nanmean(diff)),
+                     "vs_exact_stderr": float(diff_se), "seconds": seconds,
+                     "per_query": per_query.tolist()})  # fmt: skip
+        print(f"  {name:<28} {s['mean']:>7.3f} {s['std']:>6.3f} {se:>6.3f} "
+              f"{np.nanmean(diff):>+9.3f} {diff_se:>6.3f} {seconds:>8.2f}")  # fmt: skip
     return {
         "train_accuracy": accuracy(model, data.x_train, data.y_train),
         "test_accuracy": accuracy(model, data.x_test, data.y_test),
