@@ -57,7 +57,9 @@ class TracInIdeal:
         ideal.scores                      # (Q, N) float64
 
     Gradients are taken with ``torch.func`` (``vmap(grad)``) at the model's current weights in
-    eval mode; the model, its ``.grad`` fields and the optimiser are left untouched. A step costs
+    eval mode; the model, its ``.grad`` fields and the optimiser are left untouched. With
+    dropout or batch norm the training step itself runs in train mode, so its terms are
+    approximated by the eval-mode ones. A step costs
     per-example gradients of the batch and of the queries: a few training steps, and memory for
     ``(B + Q) x P`` floats (P = differentiated parameters; restrict them with ``layers``).
 
