@@ -145,15 +145,30 @@ def test_spec_missing_a_name(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["demo", "featurize", "self-influence", "explain", "cluster",
-                                     "report"])  # fmt: skip
+                                     "report", "eval mislabel"])  # fmt: skip
 def test_help_is_complete(command):
-    res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    res = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0
     expected = {"featurize": ["--store", "--proj-dim", "--projection", "--dtype", "--engine",
                               "--query-score", "--overwrite"],
                 "explain": ["--split", "--rows", "--k", "--format", "--output"],
-                "report": ["--spec", "--split", "--out"]}.get(command, ["--help"])  # fmt: skip
+                "report": ["--spec", "--split", "--out"],
+                "eval mislabel": ["--regime", "--noise", "--seeds", "--cleanlab-folds"],
+                }.get(command, ["--help"])  # fmt: skip
     assert all(opt in res.output for opt in expected)
+
+
+def test_eval_mislabel(tmp_path):
+    args = ["--seeds", "1", "--checkpoints", "6", "--cleanlab-folds", "0", "-f", "json"]
+    res = runner.invoke(app, ["eval", "mislabel", *args, "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output[: res.output.rindex("]") + 1])
+    methods = [r["method"] for r in rows]
+    assert "final loss" in methods and any(m.startswith("TracIn contrast") for m in methods)
+    assert (tmp_path / "mislabel.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "mislabel.json").read_text())["config"]["n_checkpoints"] == 6
+    res = runner.invoke(app, ["eval", "mislabel", "--regime", "forever"])
+    assert res.exit_code == 2 and "regime='forever'" in res.stderr
 
 
 def test_version():

@@ -70,3 +70,33 @@ def embedding_neighbors(
         )
     sims = _unit(np.asarray(queries, np.float64)) @ _unit(np.asarray(train, np.float64)).T
     return top_k(sims, k, largest=True), top_k(sims, k, largest=False)
+
+
+def nearest_other_rows(embeddings: np.ndarray, k: int, block: int = 2048) -> np.ndarray:
+    """Indices ``(N, k)`` of each row's ``k`` most cosine-similar other rows (itself excluded)."""
+    n = len(embeddings)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+        raise ConfigError(f"k={k!r} must be an integer between 1 and {n - 1} (rows - 1)")
+    unit = _unit(np.asarray(embeddings, np.float64))
+    out = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, block):
+        sims = unit[start : start + block] @ unit.T
+        rows = np.arange(start, min(start + block, n))
+        sims[rows - start, rows] = -np.inf
+        out[start : start + block] = top_k(sims, k, largest=True).indices
+    return out
+
+
+def neighbour_contrast(
+    self_influence: np.ndarray, vectors: np.ndarray, neighbours: np.ndarray
+) -> np.ndarray:
+    """``self_influence(z) - mean_{z' in neighbours(z)} <u(z), u(z')>`` per row.
+
+    Args:
+        self_influence: ``(N,)`` TracIn self-influence.
+        vectors: ``(N, D)`` folded vectors ``u`` whose inner products are TracIn scores.
+        neighbours: ``(N, k)`` row indices of each row's neighbours.
+    """
+    cross = np.einsum("nd,nkd->n", vectors, vectors[neighbours], dtype=np.float64)
+    contrast: np.ndarray = np.asarray(self_influence, np.float64) - cross / neighbours.shape[1]
+    return contrast

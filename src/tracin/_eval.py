@@ -1,22 +1,30 @@
 """Mislabel detection, measured: flip labels, train with checkpoints, rank, and count.
 
-For each seed: flip a fraction of the training labels of scikit-learn's digits, train the demo
-CNN with a `CheckpointRecorder` (log-spaced steps, dense early), then rank training rows by
-TracIn self-influence in several recipes and by the baselines a user would otherwise pick (final
-loss, loss summed over the same checkpoints, random, cleanlab's confident learning on K-fold
-out-of-sample probabilities). Report recall of flipped labels at 5/10/20/30% inspected and AUROC,
-mean and spread over seeds.
+For each seed: flip a fraction of the training labels of scikit-learn's digits (1500 images as
+64 pixel features), train an MLP with a `CheckpointRecorder` (log-spaced steps, dense early),
+then rank training rows by TracIn quantities and by the baselines a user would otherwise pick
+(final loss, loss summed over the same checkpoints, random, cleanlab's confident learning on
+K-fold out-of-sample probabilities). Report recall of flipped labels at 5/10/20/30% inspected and
+AUROC, mean and spread over seeds.
 
-Regimes: ``brief`` (a few epochs, lr drop: the model has not fit the flipped labels) and
-``memorise`` (trained until >= 99% training accuracy on the noisy labels).
+TracIn rankings (every one a quantity over the checkpoints' gradients):
+
+- ``TracIn contrast``: self-influence minus the mean influence on the 10 nearest embedding
+  neighbours (`Run.contrastive_self_influence`), last-layer bias, unit checkpoint weights;
+- ``TracIn self-influence, last-layer bias``: unit checkpoint weights;
+- ``TracIn self-influence, all parameters``: lr-weighted, the paper's recipe.
+
+Regimes: ``brief`` (8 epochs, lr drop: the model has not fit the flipped labels) and
+``memorise`` (SGD with momentum until >= 99% training accuracy on the noisy labels).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +42,9 @@ __all__ = ["FRACTIONS", "MislabelConfig", "MislabelResult", "evaluate_mislabel",
 
 FRACTIONS = (0.05, 0.10, 0.20, 0.30)
 Regime = Literal["brief", "memorise"]
+CONTRAST = "TracIn contrast (self - neighbour influence), last-layer bias"
+BIAS = "TracIn self-influence, last-layer bias"
+PAPER = "TracIn self-influence, all parameters, lr-weighted (paper)"
 
 
 @dataclass(frozen=True)
@@ -46,15 +57,19 @@ class MislabelConfig:
         regime: ``"brief"`` or ``"memorise"``.
         n_checkpoints: checkpoints recorded, log-spaced from the first step.
         cleanlab_folds: K for cleanlab's out-of-sample probabilities (0 skips cleanlab).
-        width: channel multiplier of the CNN (1 = the demo's).
+        width: hidden units of the MLP.
+        neighbours: k of the TracIn contrast.
+        rows: training rows drawn from the 1797 digits.
     """
 
     noise: float = 0.1
     seeds: tuple[int, ...] = (0, 1, 2)
     regime: Regime = "brief"
-    n_checkpoints: int = 20
-    cleanlab_folds: int = 0
-    width: int = 1
+    n_checkpoints: int = 30
+    cleanlab_folds: int = 5
+    width: int = 64
+    neighbours: int = 10
+    rows: int = 1500
 
     def __post_init__(self) -> None:
         if not 0 < self.noise < 0.5:
@@ -63,6 +78,10 @@ class MislabelConfig:
             raise ConfigError(f"regime={self.regime!r}; expected 'brief' or 'memorise'")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
+        if not 100 <= self.rows <= 1797:
+            raise ConfigError(f"rows={self.rows} must be between 100 and 1797")
+        if self.cleanlab_folds == 1 or self.cleanlab_folds < 0:
+            raise ConfigError(f"cleanlab_folds={self.cleanlab_folds}: use 0 (skip) or >= 2")
 
 
 @dataclass
@@ -74,14 +93,67 @@ class MislabelResult:
     auroc: dict[str, np.ndarray] = field(default_factory=dict)  # (seeds,)
     train_accuracy: list[float] = field(default_factory=list)
 
+    def methods(self) -> list[str]:
+        """Method names, best mean recall at 10% first (AUROC breaks ties)."""
+        return sorted(
+            self.auroc, key=lambda n: (-float(self.recall[n][:, 1].mean()), -self.auroc[n].mean())
+        )
+
     def table(self) -> list[list[Any]]:
-        """Rows ``[method, recall@5% ..., AUROC]`` as 'mean ± std' strings, best AUROC first."""
+        """Rows ``[method, recall@5% ..., AUROC]`` as 'mean ± std' strings."""
         rows = []
-        for name in sorted(self.auroc, key=lambda n: -float(self.auroc[n].mean())):
+        for name in self.methods():
             r, a = self.recall[name], self.auroc[name]
-            cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(r.mean(0), r.std(0), strict=True)]
-            rows.append([name, *cells, f"{a.mean():.3f} ± {a.std():.3f}"])
+            cells = [f"{m:.3f}±{s:.3f}" for m, s in zip(r.mean(0), r.std(0), strict=True)]
+            rows.append([name, *cells, f"{a.mean():.3f}±{a.std():.3f}"])
         return rows
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything measured, per seed, with the configuration."""
+        return {
+            "config": asdict(self.config),
+            "fractions": list(FRACTIONS),
+            "train_accuracy": self.train_accuracy,
+            "recall": {k: v.tolist() for k, v in self.recall.items()},
+            "auroc": {k: v.tolist() for k, v in self.auroc.items()},
+        }
+
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """Write ``mislabel.json`` and the plot ``mislabel.png`` into ``directory``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "mislabel.json").write_text(json.dumps(self.to_json(), indent=1))
+        return {"json": out / "mislabel.json", "plot": plot_recall(self, out / "mislabel.png")}
+
+
+def plot_recall(result: MislabelResult, path: Path) -> Path:
+    """Recall of flipped labels against the fraction inspected, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result.config
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    xs = np.array([0.0, *FRACTIONS]) * 100
+    for name in result.methods():
+        r = np.concatenate([np.zeros((len(cfg.seeds), 1)), result.recall[name]], axis=1)
+        style = "-" if name.startswith("TracIn") else "--"
+        auc = result.auroc[name].mean()
+        ax.plot(xs, r.mean(0), style, marker="o", ms=3, label=f"{name} (AUROC {auc:.3f})")
+        ax.fill_between(xs, r.mean(0) - r.std(0), r.mean(0) + r.std(0), alpha=0.15)
+    ax.set_xlabel("% of training rows inspected (highest score first)")
+    ax.set_ylabel("fraction of flipped labels found")
+    ax.set_title(
+        f"digits, {cfg.noise:.0%} flipped, {cfg.regime} training, "
+        f"{len(cfg.seeds)} seeds (mean ± std)"
+    )
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def recall_at(
@@ -105,21 +177,18 @@ def _auroc(scores: np.ndarray, flagged: np.ndarray) -> float:
 
 
 def _net(width: int) -> nn.Module:
-    w = width
-    return nn.Sequential(
-        nn.Conv2d(1, 8 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(8 * w, 16 * w, 3, padding=1),
-        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * w * 16, 32 * w), nn.ReLU(),
-        nn.Linear(32 * w, 10),
-    )  # fmt: skip
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
 
 
-def _digits(noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def _digits(
+    noise: float, seed: int, rows: int = 1500
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(digits.target))[:1500]
-    x = torch.tensor(digits.images[order] / 16.0, dtype=torch.float32).unsqueeze(1)
+    order = rng.permutation(len(digits.target))[:rows]
+    x = torch.tensor(digits.data[order] / 16.0, dtype=torch.float32)
     y = torch.tensor(digits.target[order], dtype=torch.long)
     flipped = np.zeros(len(y), dtype=bool)
     flipped[rng.choice(len(y), size=round(noise * len(y)), replace=False)] = True
@@ -128,22 +197,25 @@ def _digits(noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.nda
     return x, y, flipped
 
 
+_BATCH = 32
+_BRIEF_EPOCHS, _MAX_EPOCHS = 8, 1000
+
+
 def _fit(x: torch.Tensor, y: torch.Tensor, cfg: MislabelConfig, seed: int, rec: Any) -> nn.Module:
-    """Train with SGD; ``brief``: 8 epochs with an lr drop; ``memorise``: until 99% accuracy."""
+    """SGD; ``brief``: 8 epochs, lr 0.1 then 0.01; ``memorise``: momentum 0.9 until 99%."""
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = _net(cfg.width)
-    lr, momentum = (0.05, 0.9) if cfg.regime == "memorise" else (0.1, 0.0)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    epochs = 8 if cfg.regime == "brief" else 300
+    momentum = 0.9 if cfg.regime == "memorise" else 0.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
     step = 0
-    for epoch in range(epochs):
+    for epoch in range(_BRIEF_EPOCHS if cfg.regime == "brief" else _MAX_EPOCHS):
         if cfg.regime == "brief" and epoch == 5:
             for group in opt.param_groups:
                 group["lr"] = 0.01
         model.train()
-        for idx in torch.split(torch.randperm(len(y), generator=gen), 32):
+        for idx in torch.split(torch.randperm(len(y), generator=gen), _BATCH):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()  # type: ignore[no-untyped-call]
             opt.step()
@@ -152,7 +224,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, cfg: MislabelConfig, seed: int, rec: 
                 rec.step(model, opt, step)
         if cfg.regime == "memorise" and _accuracy(model, x, y) >= 0.99:
             break
-    if rec is not None:
+    if rec is not None and not rec.wants(step):
         rec.save(model, opt, step)
     return model
 
@@ -162,8 +234,9 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model.eval()(x).argmax(1) == y).float().mean())
 
 
-def _steps_per_run(cfg: MislabelConfig) -> int:
-    return (8 if cfg.regime == "brief" else 120) * 47  # log spacing horizon (1500 / 32 batches)
+def _horizon(cfg: MislabelConfig) -> int:
+    """Steps the log spacing spans: the brief run, or ~150 epochs (memorisation comes later)."""
+    return (_BRIEF_EPOCHS if cfg.regime == "brief" else 150) * -(-cfg.rows // _BATCH)
 
 
 def _cleanlab_scores(
@@ -172,7 +245,9 @@ def _cleanlab_scores(
     try:
         from cleanlab.rank import get_label_quality_scores
     except ImportError:
-        raise ConfigError("the cleanlab baseline needs cleanlab: pip install cleanlab") from None
+        raise ConfigError(
+            "the cleanlab baseline needs cleanlab: pip install cleanlab (or cleanlab_folds=0)"
+        ) from None
     probs = np.zeros((len(y), 10))
     folds = np.array_split(np.random.default_rng(seed).permutation(len(y)), cfg.cleanlab_folds)
     for k, held in enumerate(folds):
@@ -184,29 +259,27 @@ def _cleanlab_scores(
 
 
 def _one_seed(cfg: MislabelConfig, seed: int, work: Path) -> tuple[dict[str, np.ndarray], float]:
-    x, y, _ = _digits(cfg.noise, seed)
+    x, y, _ = _digits(cfg.noise, seed, cfg.rows)
     rec = CheckpointRecorder(
-        work / f"seed_{seed}", steps=log_spaced_steps(_steps_per_run(cfg), cfg.n_checkpoints)
+        work / f"seed_{seed}", steps=log_spaced_steps(_horizon(cfg), cfg.n_checkpoints)
     )
     model = _fit(x, y, cfg, seed, rec)
     ckpts = rec.checkpoints()
     data, task = TensorDataset(x, y), ClassificationTask()
-    scores: dict[str, np.ndarray] = {}
-    for name, layers in (
-        ("all parameters", None),
-        ("last layer", ["8"]),
-        ("last-layer bias", ["8.bias"]),
-    ):
-        run = featurize(model, task, ckpts, data, layers=layers, batch_size=256)
-        per_ckpt = run.self_influence_by_checkpoint()
-        scores[f"TracIn self-influence, {name}, lr-weighted"] = run.self_influence()
-        scores[f"TracIn self-influence, {name}, unit weights"] = per_ckpt.sum(0)
+    bias = featurize(model, task, ckpts, data, layers=["2.bias"], batch_size=256,
+                     store=work / f"bias_{seed}", embedding_layer="1")  # fmt: skip
+    paper = featurize(model, task, ckpts, data, batch_size=256)
+    scores: dict[str, np.ndarray] = {
+        CONTRAST: bias.contrastive_self_influence(cfg.neighbours, lr_weighted=False),
+        BIAS: bias.self_influence_by_checkpoint().sum(0),
+        PAPER: paper.self_influence(),
+    }
     losses = np.stack([_losses(model, c.state_dict(), x, y) for c in ckpts])
     scores["final loss"] = losses[-1]
-    scores["loss summed over checkpoints"] = losses.sum(0)
+    scores["loss summed over the same checkpoints"] = losses.sum(0)
     scores["random"] = np.random.default_rng(seed + 7).random(len(y))
     if cfg.cleanlab_folds:
-        scores["cleanlab (confident learning)"] = _cleanlab_scores(x, y, cfg, seed)
+        scores["cleanlab (out-of-sample confident learning)"] = _cleanlab_scores(x, y, cfg, seed)
     return scores, _accuracy(model, x, y)
 
 
@@ -230,12 +303,12 @@ def evaluate_mislabel(
         for seed in cfg.seeds:
             if progress is not None:
                 progress(f"seed {seed}")
-            x_flags = _digits(cfg.noise, seed)[2]
+            flags = _digits(cfg.noise, seed, cfg.rows)[2]
             scores, acc = _one_seed(cfg, seed, Path(tmp))
             result.train_accuracy.append(acc)
             for name, s in scores.items():
-                rows.setdefault(name, []).append(recall_at(s, x_flags))
-                aurocs.setdefault(name, []).append(_auroc(s, x_flags))
+                rows.setdefault(name, []).append(recall_at(s, flags))
+                aurocs.setdefault(name, []).append(_auroc(s, flags))
     result.recall = {k: np.stack(v) for k, v in rows.items()}
     result.auroc = {k: np.array(v) for k, v in aurocs.items()}
     return result
