@@ -147,7 +147,9 @@ def accuracy(model: Any, data: Reviews) -> float:
     return float((logits.argmax(1) == data.labels).float().mean())
 
 
-def prepare(n_train: int, n_test: int, max_len: int, seed: int):  # type: ignore[no-untyped-def]
+def prepare(
+    n_train: int, n_test: int, max_len: int, seed: int
+) -> tuple[Reviews, Reviews, list[str], list[str], dict[str, int]]:
     """Train and test `Reviews`, their texts, and the vocabulary (built from training only)."""
     texts, labels = load_reviews(n_train + n_test, seed)
     vocab = build_vocab(texts[:n_train])
@@ -156,8 +158,8 @@ def prepare(n_train: int, n_test: int, max_len: int, seed: int):  # type: ignore
     return train_set, test_set, texts[:n_train], texts[n_train:], vocab
 
 
-def main(out: Path, n_train: int = 3000, n_test: int = 300, epochs: int = 3,
-         n_checkpoints: int = 8, max_len: int = 40, seed: int = 0,
+def main(out: Path, n_train: int = 2000, n_test: int = 300, epochs: int = 3,
+         n_checkpoints: int = 8, max_len: int = 32, seed: int = 0,
          layers: tuple[str, ...] = ("bert.pooler", "classifier")) -> dict:  # fmt: skip
     """Train, featurize, explain three test reviews, rank by self-influence, write the report."""
     train_set, test_set, train_texts, test_texts, vocab = prepare(n_train, n_test, max_len, seed)
@@ -209,7 +211,7 @@ def main(out: Path, n_train: int = 3000, n_test: int = 300, epochs: int = 3,
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/reviews"))
-    parser.add_argument("--n-train", type=int, default=3000)
+    parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--layers", nargs="+", default=["bert.pooler", "classifier"])
     args = parser.parse_args()
