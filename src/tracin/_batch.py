@@ -19,10 +19,12 @@ from tracin._errors import DataError, TaskError
 __all__ = [
     "Batch",
     "Data",
+    "MIN_ROWS",
     "Key",
     "batch_size",
     "iter_batches",
     "map_tensors",
+    "pad_rows",
     "select",
     "slice_batch",
 ]
@@ -80,6 +82,25 @@ def batch_size(batch: Batch) -> int:
 def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     """Rows ``start:stop`` of every tensor in ``batch``."""
     return map_tensors(lambda t: t[start:stop], batch)
+
+
+MIN_ROWS = 64
+"""Batches are computed with at least this many rows, so results do not depend on batch size.
+
+Matrix kernels (BLAS, oneDNN) pick their blocking, and so their order of summation, by the
+shapes they see: a row's gradient computed in a batch of 7 can differ in the last bit from the
+same row in a batch of 64. Measured here, every batch of 64 or more rows gives bitwise the same
+per-row results; smaller batches (and the tail of the data) are padded up to 64 rows by repeating
+their last row, and the padding's results are dropped.
+"""
+
+
+def pad_rows(batch: Batch, rows: int = MIN_ROWS) -> tuple[Batch, int]:
+    """``batch`` padded to at least ``rows`` rows by repeating its last row; and its own size."""
+    n = batch_size(batch)
+    if n >= rows or n == 0:
+        return batch, n
+    return map_tensors(lambda t: torch.cat([t, t[-1:].expand(rows - n, *t.shape[1:])]), batch), n
 
 
 def select(batch: Batch, key: Key, what: str) -> Any:

@@ -18,7 +18,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tracin._batch import Batch, Data, batch_size, iter_batches, map_tensors, slice_batch
+from tracin._batch import (
+    Batch,
+    Data,
+    batch_size,
+    iter_batches,
+    map_tensors,
+    pad_rows,
+    slice_batch,
+)
 from tracin._checkpoints import Checkpoint, Checkpoints
 from tracin._engine import (
     FeatureEngine,
@@ -237,9 +245,10 @@ class GradientSource:
         stage: str,
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Features ``(B, dim)`` and squared norms of one batch; non-finite rows are an error."""
-        batch = map_tensors(lambda t: t.to(device_of(self.model)), batch)
-        with model_errors(stage, start, batch_size(batch), checkpoint.id):
+        batch, n = pad_rows(map_tensors(lambda t: t.to(device_of(self.model)), batch))
+        with model_errors(stage, start, n, checkpoint.id):
             feats, sq = self.engine.features(weights, score, batch, checkpoint_key(checkpoint.id))
+        feats, sq = feats[:n], sq[:n]
         _check_finite(torch.isfinite(feats).all(dim=1) & torch.isfinite(sq), stage, start,
                       checkpoint.id)  # fmt: skip
         return feats.detach(), sq.detach().cpu().numpy()
@@ -253,9 +262,9 @@ class GradientSource:
         start: int,
     ) -> np.ndarray:
         """Exact squared gradient norms of one batch (no features formed)."""
-        batch = map_tensors(lambda t: t.to(device_of(self.model)), batch)
-        with model_errors("train", start, batch_size(batch), checkpoint.id):
-            sq = self.engine.sqnorms(weights, score, batch)
+        batch, n = pad_rows(map_tensors(lambda t: t.to(device_of(self.model)), batch))
+        with model_errors("train", start, n, checkpoint.id):
+            sq = self.engine.sqnorms(weights, score, batch)[:n]
         _check_finite(torch.isfinite(sq), "train", start, checkpoint.id)
         return sq.detach().cpu().numpy()
 
@@ -338,10 +347,10 @@ class GradientSource:
 
         def compute(piece: Batch, start: int) -> tuple[torch.Tensor, np.ndarray]:
             captured.clear()
-            piece = map_tensors(lambda t: t.to(device_of(self.model)), piece)
+            piece, n = pad_rows(map_tensors(lambda t: t.to(device_of(self.model)), piece))
             with torch.no_grad():
                 score(functional_model(self.model, weights), piece)
-            emb = captured[-1]
+            emb = captured[-1][:n]
             return emb, emb.pow(2).sum(1).cpu().numpy()
 
         handle = module.register_forward_hook(hook)

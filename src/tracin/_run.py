@@ -32,6 +32,7 @@ from tracin._scoring import (
     lr_scaled_concat,
     lr_weighted_sum,
     merge_top_k,
+    products,
     top_k,
 )
 from tracin._store import EMBEDDING, FeatureStore, StoreError
@@ -176,7 +177,7 @@ class Run:
             for part in blocks:  # float16 -> float32 in a reused buffer: float16 matmul is slow
                 buffer[:, col : col + part.shape[1]].copy_(torch.from_numpy(part))
                 col += part.shape[1]
-            yield k * self.config.block_rows, (q_cat @ buffer.T).double().numpy()
+            yield k * self.config.block_rows, products(q_cat, buffer).double().numpy()
 
     def folded_queries(
         self, query: Data | Batch | str, *, query_task: Task | None = None
@@ -201,8 +202,8 @@ class Run:
         """Per-checkpoint scores ``(Q, rows)`` from features: ``<g, g'>`` in feature space."""
         split = self.config.projection.split
         if self.config.projection.kind == "last_layer" and split is not None:
-            return (q[:, :split] @ f[:, :split].T) * (q[:, split:] @ f[:, split:].T)
-        return q @ f.T
+            return products(q[:, :split], f[:, :split]) * products(q[:, split:], f[:, split:])
+        return products(q, f)
 
     def _unfactor(self, feats: np.ndarray) -> np.ndarray:
         """Last-layer factors ``[a, d]`` -> the flattened gradient ``d a^T`` (else unchanged)."""
@@ -300,7 +301,7 @@ class Run:
                     end = start + g.shape[0]
                     if end > self.n_train:
                         break
-                    out[:, start:end] = (q @ g.T).double().cpu().numpy()
+                    out[:, start:end] = products(q, g).double().cpu().numpy()
                 if end != self.n_train:
                     raise _changed(end, self.n_train)
                 yield checkpoint.lr, out

@@ -14,9 +14,18 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from tracin._batch import MIN_ROWS
 from tracin._errors import ConfigError
 
-__all__ = ["Neighbors", "fold", "lr_scaled_concat", "lr_weighted_sum", "merge_top_k", "top_k"]
+__all__ = [
+    "Neighbors",
+    "fold",
+    "lr_scaled_concat",
+    "lr_weighted_sum",
+    "merge_top_k",
+    "products",
+    "top_k",
+]
 
 
 class Neighbors(NamedTuple):
@@ -29,6 +38,19 @@ class Neighbors(NamedTuple):
 
     indices: np.ndarray
     scores: np.ndarray
+
+
+def products(q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``q @ f.T`` over ``f`` padded with zero rows to a multiple of `MIN_ROWS` (then dropped).
+
+    Like the gradients (see `tracin._batch.MIN_ROWS`), the product kernel's summation order
+    depends on the shapes (a lone edge column is summed differently): padding keeps every score
+    bitwise the same whatever the batch size.
+    """
+    n = f.shape[0]
+    if n % MIN_ROWS:
+        f = torch.cat([f, f.new_zeros(MIN_ROWS - n % MIN_ROWS, *f.shape[1:])])
+    return (q @ f.T)[:, :n]
 
 
 def lr_weighted_sum(terms: Iterable[tuple[float, np.ndarray]]) -> np.ndarray:
