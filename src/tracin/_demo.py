@@ -1,9 +1,11 @@
 """``tracin demo``: the TracIn story on scikit-learn's bundled handwritten digits.
 
-Flip 10% of the training labels, train a small CNN with SGD and a learning-rate drop (one
-checkpoint per epoch, each file holding its lr), featurize, then: rank training examples by
-self-influence and count the flipped labels found, against ranking by final loss; and show the
-proponents and opponents of a few test images. CLI code: it prints, and seeds its own generators.
+Flip 10% of the training labels, train a small CNN with SGD and a learning-rate drop while a
+`CheckpointRecorder` saves log-spaced checkpoints (dense early, each file holding its lr),
+featurize, then: rank training examples by TracIn's contrastive self-influence on the final
+layer (the recipe measured best in docs/quality.md) and by self-influence on all layers, count
+the flipped labels found against ranking by loss; and show the proponents and opponents of a few
+test images. CLI code: it prints, and seeds its own generators.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ __all__ = ["DemoCNN", "run_demo"]
 
 EPOCHS = 8
 LR_DROP_EPOCH = 5
+N_CHECKPOINTS = 15
+BATCH = 32
 FRACTIONS = (0.05, 0.10, 0.20)
+CONTRAST = "TracIn contrastive self-influence, final bias"
 
 
 class DemoCNN(nn.Module):
@@ -69,29 +74,35 @@ def _data(seed: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _train(data: dict[str, Any], out: Path, seed: int) -> tuple[nn.Module, list[Path]]:
+def _train(data: dict[str, Any], out: Path, seed: int) -> tuple[nn.Module, tracin.Checkpoints]:
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = DemoCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0)
     x, y = data["x_train"], data["y_train"]
-    paths = []
-    out.mkdir(parents=True, exist_ok=True)
+    steps_per_epoch = -(-len(y) // BATCH)
+    for stale in out.glob("step_*.pt"):  # a rerun into the same directory starts afresh
+        stale.unlink()
+    rec = tracin.CheckpointRecorder(
+        out, steps=tracin.log_spaced_steps(EPOCHS * steps_per_epoch, N_CHECKPOINTS)
+    )
+    step = 0
     for epoch in range(EPOCHS):
-        lr = 0.1 if epoch < LR_DROP_EPOCH else 0.01
-        for group in opt.param_groups:
-            group["lr"] = lr
+        for group in opt.param_groups:  # the lr after a checkpoint is the one recorded with it
+            group["lr"] = 0.1 if epoch < LR_DROP_EPOCH else 0.01
         model.train()
-        for idx in torch.split(torch.randperm(len(y), generator=gen), 32):
+        for idx in torch.split(torch.randperm(len(y), generator=gen), BATCH):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
-        path = out / f"epoch_{epoch}.pt"
-        torch.save({"model_state_dict": model.state_dict(), "lr": lr, "step": epoch}, path)
-        paths.append(path)
-    return model, paths
+            step += 1
+            if epoch + 1 == LR_DROP_EPOCH and step == (epoch + 1) * steps_per_epoch:
+                for group in opt.param_groups:  # drop now, so this step's checkpoint says 0.01
+                    group["lr"] = 0.01
+            rec.step(model, opt, step)
+    return model, rec.checkpoints()
 
 
 def _recall(scores: np.ndarray, is_flipped: np.ndarray) -> list[float]:
@@ -102,12 +113,12 @@ def _recall(scores: np.ndarray, is_flipped: np.ndarray) -> list[float]:
     ]
 
 
-def _losses(model: nn.Module, paths: list[Path], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+def _losses(ckpts: tracin.Checkpoints, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """Per-example training loss at every checkpoint, shape ``(C, N)`` (baselines)."""
     out = []
     net = DemoCNN().eval()
-    for path in paths:
-        net.load_state_dict(torch.load(path, weights_only=True)["model_state_dict"])
+    for checkpoint in ckpts:
+        net.load_state_dict(checkpoint.state_dict())
         with torch.no_grad():
             out.append(nn.functional.cross_entropy(net(x), y, reduction="none").numpy())
     return np.stack(out)
@@ -150,11 +161,10 @@ def run_demo(out_dir: str, seed: int) -> int:
     t0 = time.perf_counter()
     with console.status("training a small CNN on digits with 10% flipped labels"):
         data = _data(seed)
-        model, paths = _train(data, out / "checkpoints", seed)
-    console.print(f"trained {EPOCHS} epochs: {len(paths)} checkpoints with their lr in "
-                  f"{out / 'checkpoints'}")  # fmt: skip
+        model, ckpts = _train(data, out / "checkpoints", seed)
+    console.print(f"trained {EPOCHS} epochs: {len(ckpts)} log-spaced checkpoints with their lr "
+                  f"in {out / 'checkpoints'}")  # fmt: skip
     task = tracin.ClassificationTask()
-    ckpts = tracin.Checkpoints.from_paths(paths, lr="lr")
     train = TensorDataset(data["x_train"], data["y_train"])
     test = TensorDataset(data["x_test"], data["y_test"])
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
@@ -166,10 +176,19 @@ def run_demo(out_dir: str, seed: int) -> int:
             queries={"test": test}, batch_size=256, overwrite=True,
             progress=_progress_bar(bars),
         )  # fmt: skip
-    self_inf = run.self_influence()
-    losses = _losses(model, paths, data["x_train"], data["y_train"])
-    rankings = {"TracIn self-influence": self_inf, "final loss": losses[-1],
-                "loss summed over checkpoints": losses.sum(0)}  # fmt: skip
+        bias = tracin.featurize(
+            model, task, ckpts, train, store=out / "store-bias", layers=["fc2.bias"],
+            embedding_layer="fc1", batch_size=256, overwrite=True,
+            progress=_progress_bar(bars),
+        )  # fmt: skip
+    contrast = bias.contrastive_self_influence(10, lr_weighted=False)
+    losses = _losses(ckpts, data["x_train"], data["y_train"])
+    rankings = {
+        CONTRAST: contrast,
+        "TracIn self-influence, all layers": run.self_influence(),
+        "final loss": losses[-1],
+        "loss summed over checkpoints": losses.sum(0),
+    }
     recall = {name: _recall(scores, data["is_flipped"]) for name, scores in rankings.items()}
     table = Table(title="flipped labels found among the top-ranked training examples")
     table.add_column("ranking")
@@ -194,18 +213,20 @@ def run_demo(out_dir: str, seed: int) -> int:
         return f"flipped (true {int(data['y_clean'][i])})" if flipped[i] else ""
 
     cls = 8
-    baselines = {k: v for k, v in rankings.items() if k != "TracIn self-influence"}
+    baselines = {k: v for k, v in rankings.items() if k != CONTRAST}
     with console.status("writing the report"):
         report = compose_report(
             run, render, title="tracin demo: digits with 10% flipped labels",
-            subtitle=f"{len(train)} training images, {EPOCHS} checkpoints (lr 0.1, then 0.01), "
-            "TracIn-RP features (Kronecker, per layer), exact self-influence",
+            subtitle=f"{len(train)} training images, {len(ckpts)} log-spaced checkpoints (lr "
+            "0.1, then 0.01), TracIn-RP features (Kronecker, per layer) for explanations; "
+            "ranked by TracIn contrast on the final layer's bias",
             query_split="test", query_rows=rows, query_captions=captions, k=6, gallery=30,
             flipped=flipped, flag=flag, baselines=baselines,
             cluster_rows=np.flatnonzero(data["y_train"].numpy() == cls).tolist(), n_clusters=4,
             cluster_title=f"Training images labelled {cls}, clustered by TracIn similarity",
             summary=[["ranking", *(f"top {f:.0%}" for f in FRACTIONS)],
                      *([name, *(f"{v:.2f}" for v in found)] for name, found in recall.items())],
+            ranking=(CONTRAST, contrast),
         )  # fmt: skip
         path = write_report(report, out / "report" / "index.html")
     seconds = round(time.perf_counter() - t0, 1)

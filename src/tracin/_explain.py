@@ -87,6 +87,7 @@ def compose_report(
     n_clusters: int = 4,
     cluster_title: str = "Clusters",
     summary: Sequence[Sequence[Any]] = (),
+    ranking: tuple[str, np.ndarray] | None = None,
 ) -> Report:
     """Build the report for ``run``.
 
@@ -107,15 +108,22 @@ def compose_report(
         n_clusters: number of clusters.
         cluster_title: heading of the clusters section.
         summary: table rows ``(name, value, ...)`` shown first.
+        ranking: ``(name, scores)`` ranking the gallery and drawn first in the recall plot
+            (default ``("TracIn self-influence", run.self_influence())``), e.g. the
+            contrastive self-influence of a run on the final layer.
     """
     flags = flag or (lambda i: "")
     report = Report(title=title, subtitle=subtitle, summary=[list(r) for r in summary],
                     clusters_title=cluster_title)  # fmt: skip
-    self_inf = run.self_influence()
+    name, self_inf = ranking or ("TracIn self-influence", run.self_influence())
+    self_inf = np.asarray(self_inf, dtype=np.float64)
+    if self_inf.shape != (run.n_train,):
+        raise ConfigError(f"ranking {name!r} has shape {self_inf.shape}; expected ({run.n_train},)")
+    report.gallery_title = f"Highest {name}"
     top = np.argsort(-self_inf, kind="stable")[:gallery]
     report.gallery = [example(render, "train", i, float(self_inf[i]), flags(int(i))) for i in top]
     if flipped is not None:
-        rankings = {"TracIn self-influence": self_inf, **(baselines or {})}
+        rankings = {name: self_inf, **(baselines or {})}
         report.plots.append(_recall_plot(rankings, np.asarray(flipped, dtype=bool)))
     if query_split is not None and len(query_rows):
         report.explanations = _explanations(run, render, query_split, query_rows,

@@ -70,6 +70,7 @@ class Report:
     summary: list[Sequence[Any]] = field(default_factory=list)
     plots: list[Plot] = field(default_factory=list)
     gallery: list[Example] = field(default_factory=list)
+    gallery_title: str = "Highest self-influence"
     explanations: list[Explanation] = field(default_factory=list)
     clusters: list[tuple[str, list[Example]]] = field(default_factory=list)
     clusters_title: str = "Clusters"
