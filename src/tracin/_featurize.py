@@ -8,10 +8,10 @@ is already complete is skipped, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ __all__ = [
     "model_errors",
     "model_fingerprint",
 ]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,17 @@ class GradientSource:
             return self.engine.bind_checkpoint(weights, checkpoint)
         return weights
 
+    def _padded(
+        self, batch: Batch, stage: str, start: int, checkpoint: Checkpoint, fn: Callable[[Batch], T]
+    ) -> tuple[int, T]:
+        """``fn`` on ``batch`` moved to the model's device and padded (`pad_rows`); its row count.
+
+        Errors raised inside name the rows and the checkpoint.
+        """
+        batch, n = pad_rows(map_tensors(lambda t: t.to(device_of(self.model)), batch))
+        with model_errors(stage, start, n, checkpoint.id):
+            return n, fn(batch)
+
     def batch_features(
         self,
         weights: dict[str, torch.Tensor],
@@ -245,9 +258,12 @@ class GradientSource:
         stage: str,
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Features ``(B, dim)`` and squared norms of one batch; non-finite rows are an error."""
-        batch, n = pad_rows(map_tensors(lambda t: t.to(device_of(self.model)), batch))
-        with model_errors(stage, start, n, checkpoint.id):
-            feats, sq = self.engine.features(weights, score, batch, checkpoint_key(checkpoint.id))
+        key = checkpoint_key(checkpoint.id)
+
+        def compute(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.engine.features(weights, score, b, key)
+
+        n, (feats, sq) = self._padded(batch, stage, start, checkpoint, compute)
         feats, sq = feats[:n], sq[:n]
         _check_finite(torch.isfinite(feats).all(dim=1) & torch.isfinite(sq), stage, start,
                       checkpoint.id)  # fmt: skip
@@ -262,9 +278,9 @@ class GradientSource:
         start: int,
     ) -> np.ndarray:
         """Exact squared gradient norms of one batch (no features formed)."""
-        batch, n = pad_rows(map_tensors(lambda t: t.to(device_of(self.model)), batch))
-        with model_errors("train", start, n, checkpoint.id):
-            sq = self.engine.sqnorms(weights, score, batch)[:n]
+        n, sq = self._padded(batch, "train", start, checkpoint,
+                             lambda b: self.engine.sqnorms(weights, score, b))  # fmt: skip
+        sq = sq[:n]
         _check_finite(torch.isfinite(sq), "train", start, checkpoint.id)
         return sq.detach().cpu().numpy()
 
