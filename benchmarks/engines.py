@@ -1,4 +1,4 @@
-"""Engines: tracin's gradient engines against Captum and dattri, side by side in one process.
+"""Engines: tracin's gradient engines against Captum, dattri and TRAK, side by side in one process.
 
 Throughput in checkpoint-examples per second (examples x checkpoints / seconds) on this machine's
 CPU (``torch.set_num_threads(2)``), 3 checkpoints (files ``{"model_state_dict", "lr", "step"}``:
@@ -9,37 +9,33 @@ random perturbations of a briefly trained model, lr 0.1, 0.1, 0.01), on:
 - ``cnn28``: a ~0.83M-parameter CNN on the digits upsampled to 28x28;
 - ``text_mha``: an nn.Embedding (5000 x 128) + 2-layer nn.TransformerEncoder text classifier
   (~1.04M parameters, mean-pooled over the padding mask) on synthetic token sequences of length
-  48. nn.MultiheadAttention holds a raw ``in_proj_weight`` and LayerNorm weights, so
-  ``engine="auto"`` takes torch.func for all parameters;
+  48. nn.MultiheadAttention uses its ``in_proj_weight`` and ``out_proj`` functionally, so
+  ``engine="auto"`` hooks the Embeddings, feed-forward Linears, LayerNorms and head and leaves
+  those attention parameters to torch.func (no Kronecker projection there);
 - ``text_linear``: the same shape written with nn.Linear q/k/v/o and affine-free LayerNorm, so
-  every parameter sits in a Linear or Embedding and the factored (hook) engine covers it all.
+  every parameter sits in a hookable layer and the factored engine covers it all.
 
 For each model (every rate also as a ratio to the training step):
 
 - ``train``: forward + backward + SGD step, batch 64 (examples/s): the floor; and a no-grad
   forward pass (what a last-layer method is bound by);
 - ``tracin exact``: ``tracin.featurize(...)`` then ``run.self_influence()`` (no store, no
-  projection: streaming exact squared norms), engines functional and factored (``auto`` is one
-  of them: factored when every parameter is hookable), batch 64, 128 (small models) and 256,
-  best shown; plus auto fed in-memory tensors instead of a TensorDataset;
+  projection: streaming exact squared norms), engines functional and factored (``auto`` is the
+  factored one whenever a layer is hookable: hooks for those layers, torch.func for the rest),
+  batch 64, 128 (small models) and 256, best shown; plus auto fed in-memory tensors instead of
+  a TensorDataset (both are sliced, no DataLoader);
 - ``captum fast``: ``TracInCP(sample_wise_grads_per_batch=True,
   loss_fn=CrossEntropyLoss(reduction="sum"), batch_size=64)``; ``captum default``: batch_size=1,
   per-example loop (``reduction="none"``), on at most 256 rows; both with a loader that returns
   the file's lr;
 - ``last layer``: tracin ``layers=[final], projection="last_layer"`` against Captum
   ``TracInCPFast(final_fc_layer=final, batch_size=64)``;
-- ``projected``: tracin ``proj_dim=1024`` with ``projection="kronecker"`` (per layer 32 x 32,
-  only where every parameter is hookable; at the exact engine's best batch size) and dense
-  ``"gaussian"`` (batch 64), timing featurize; against
-  dattri ``TracInAttributor.self_attribute`` without projection and with its default 512;
-- ``PROTOTYPE``: a faster ``FactoredEngine.sqnorms`` streaming loop, built in this file from
-  tracin's hook helpers: hooks on every Linear/Conv/Embedding layer the forward pass actually
-  calls, torch.func for the rest, in-memory slicing, float32 products accumulated in float64
-  with the bias apart (no ones column), embedding norms from a (T x T) Gram of equal indices,
-  convolution weight gradients from one grouped ``conv2d_weight``; with ``kron`` the Kronecker
-  features too (a convolution's input projection done as a convolution). Ablation: ``unfold``
-  keeps F.unfold for convolutions (then the per-layer maths is what tracin's ``_hooks`` does
-  since commit 57cd331, so the gap to ``tracin exact`` is the grouped convolution alone).
+- ``projected``: tracin ``proj_dim=1024`` with ``projection="kronecker"`` (per layer up to
+  32 x 32, a side narrower than 32 kept exact; only where every parameter is hookable; at the
+  exact engine's best batch size) and dense ``"gaussian"`` (batch 64), timing featurize (features
+  kept in memory); against dattri ``TracInAttributor.self_attribute`` without projection and
+  with its default 512, and TRAK (``traker``) ``TRAKer.featurize`` at proj_dim 1024 on the CPU
+  (its BasicProjector, Gaussian, float32; ``finalize_features`` not timed).
 
 Each figure: an untimed warm-up, a probe run (one batch) that sizes ``rows`` so one run takes
 about ``--budget`` seconds (capped by the dataset size), then best of 2 runs; a method slower
@@ -48,6 +44,12 @@ is compared, on the rows both computed, with Captum's per-example loop (plain au
 example at a time): the maximum elementwise relative error. The last layer is compared with
 Captum TracInCP restricted to the final layer (sample-wise trick, exact for a Linear layer).
 The load of other processes on the machine is recorded; ``--wait-load`` waits for a quiet one.
+
+Memory: before each method the process's peak resident set is reset (``malloc_trim(0)``, then
+``5`` written to ``/proc/self/clear_refs``); after its warm-up, probe and timed runs ``VmHWM``
+is read from ``/proc/self/status``. ``peak MB`` is that process-wide peak (which includes the
+interpreter, torch, the data and the model: the ``train`` row's is the baseline) and ``+MB`` the
+peak above the resident set just before the method started: what the method itself added.
 
     python benchmarks/engines.py --wait-load 1.5 --wait-quiet 300   # as in results/engines.md
     python benchmarks/engines.py --quick          # smoke run, under a minute on a quiet machine
@@ -58,8 +60,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import datetime
 import json
+import logging
 import os
 import platform
 import sys
@@ -78,15 +82,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 import tracin
 from tracin._demo import DemoCNN
-from tracin._engine import _flatten, functional_model
-from tracin._hooks import _capture, _Layer, _positions, supported_layers
-from tracin._params import eval_mode, fit_state, select_parameters
-from tracin._projection import checkpoint_key
+from tracin._hooks import FactoredEngine, supported_layers
+from tracin._params import select_parameters
+from tracin._projection import ProjectionConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LRS = (0.1, 0.1, 0.01)
@@ -258,6 +261,8 @@ class Result:
     scores: np.ndarray | None = field(default=None, repr=False)
     relerr: float | None = None
     others: float | None = None  # cores other processes used during the kept run
+    peak_mb: float | None = None  # process VmHWM over the method's runs (MiB)
+    mem_mb: float | None = None  # that peak above the resident set before the method (MiB)
 
     def to_json(self, train_rate: float) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "scores"}
@@ -277,6 +282,35 @@ def _cpu_snapshot() -> tuple[float, float, float]:
     except (OSError, ValueError):
         busy = float("nan")
     return time.perf_counter(), busy, time.process_time()
+
+
+def _status_kb(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def mem_reset() -> int | None:
+    """Give freed heap back, reset the peak resident set; the resident set now (kB)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
+    except (OSError, AttributeError):
+        return None
+    return _status_kb("VmRSS")
+
+
+def mem_peak(res: Result, base: int | None) -> None:
+    peak = _status_kb("VmHWM")
+    if base is not None and peak is not None:
+        res.peak_mb, res.mem_mb = peak / 1024, max(0, peak - base) / 1024
 
 
 def timed(fn: Callable[[int], Any], rows: int) -> tuple[float, float, Any]:
@@ -362,8 +396,10 @@ def run_measure(
     res: Result, fn: Callable[[int], Any], n: int, probe: int, budget: float, **kw: Any
 ) -> Result:
     ckpts = kw.get("ckpts", len(LRS))
+    base = mem_reset()
     try:
         rows, secs, runs, others, out = measure(fn, n, probe, budget, **kw)
+        mem_peak(res, base)
     except Exception as exc:  # a library that cannot run this model: record why
         res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:240]}"
         print(f"    {res.label}: ERROR {res.error}", flush=True)
@@ -376,7 +412,7 @@ def run_measure(
         res.scores = out
     print(
         f"    {res.label:<46} batch {res.batch!s:>4} rows {rows:>5}  {res.rate:9.1f}/s"
-        f"  (others {_fmt(others, '.2f')} cores)",
+        f"  (others {_fmt(others, '.2f')} cores, +{_fmt(res.mem_mb)} MB)",
         flush=True,
     )
     return res
@@ -411,6 +447,27 @@ def tracin_exact(ctx: Ctx, engine: str, bs: int, in_memory: bool = False) -> Cal
         data = ctx.tensors(rows) if in_memory else ctx.dataset(rows)
         run = tracin.featurize(ctx.model, TASK, ctx.ckpts, data, batch_size=bs, engine=engine)
         return run.self_influence()
+
+    return fn
+
+
+def tracin_streamed_influence(ctx: Ctx, bs: int, queries: int = 64) -> Callable[[int], Any]:
+    """One exact streamed query pass: ``run.influence`` of 64 queries over ``rows`` rows.
+
+    The run (featurize's squared-norm pass) is built on the first call for a row count and
+    reused, so with the warm-up at the probe's size and best of 2 the figure is the query pass
+    alone: every checkpoint's exact training gradients recomputed and multiplied by the queries.
+    """
+    runs: dict[int, tracin.Run] = {}
+    query = (ctx.x[:queries], ctx.y[:queries])
+
+    def fn(rows: int) -> None:
+        if rows not in runs:
+            runs.clear()
+            runs[rows] = tracin.featurize(
+                ctx.model, TASK, ctx.ckpts, ctx.dataset(rows), batch_size=bs
+            )
+        runs[rows].influence(query)
 
     return fn
 
@@ -529,212 +586,36 @@ def dattri_tracin(ctx: Ctx, project: bool, bs: int) -> Callable[[int], Any]:
     return fn
 
 
-# --- the prototype: sqnorm-only streaming -------------------------------------------------------
-def _layer_sqnorm(a: torch.Tensor, d: torch.Tensor, bias: bool, emb: int | None) -> torch.Tensor:
-    """``||sum_t d_t [a_t, 1]^T||^2`` per example: float32 products, float64 accumulation."""
-    f64 = torch.float64
-    if emb is not None:  # rows of G sum d over equal indices: sum_{t,s} [i_t = i_s] <d_t, d_s>
-        same = (a.unsqueeze(2) == a.unsqueeze(1)).to(d.dtype)
-        return (torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2), dtype=f64)
-    t, n_in, n_out = a.shape[1], a.shape[2] + bias, d.shape[2]
-    if t == 1:
-        sa = a.pow(2).sum((1, 2), dtype=f64) + float(bias)
-        return sa * d.pow(2).sum((1, 2), dtype=f64)
-    if t * t * (n_in + n_out) < t * n_in * n_out:  # Gram matrices over positions
-        ga = torch.bmm(a, a.transpose(1, 2))
-        if bias:
-            ga += 1.0
-        return (ga * torch.bmm(d, d.transpose(1, 2))).sum((1, 2), dtype=f64)
-    out = torch.bmm(d.transpose(1, 2), a).pow(2).sum((1, 2), dtype=f64)
-    if bias:
-        out += d.sum(1).pow(2).sum(1, dtype=f64)
-    return out
+def trak_featurize(ctx: Ctx, bs: int) -> Callable[[int], Any]:
+    """TRAK ``TRAKer.featurize`` at proj_dim 1024 on the CPU, every checkpoint (no scores).
 
-
-class ProtoSqnorms:
-    """Exact per-example squared gradient norms only, no feature matrix (see module docstring).
-
-    Layers the forward pass never calls (nn.MultiheadAttention's ``out_proj``, whose weight it
-    uses functionally) go to torch.func with the other unhookable parameters instead of failing.
+    On a CPU TRAK uses its BasicProjector (Gaussian, generated in blocks of 100 columns every
+    batch); float32 (``use_half_precision=False``: float16 matmuls are not a CPU path).
     """
+    states = [
+        torch.load(p, map_location="cpu", weights_only=True)["model_state_dict"] for p in ctx.paths
+    ]
 
-    def __init__(
-        self,
-        model: nn.Module,
-        probe: tuple[torch.Tensor, ...],
-        kron: bool,
-        unfold: bool = False,
-    ) -> None:
-        self.model = model
-        self.unfold = unfold  # ablation: convolutions through F.unfold as tracin does now
-        names = select_parameters(model, None)
-        layers, _ = supported_layers(model, names)
-        with torch.no_grad(), _capture(layers):
-            TASK.train_loss(model, probe)
-        self.layers = [
-            _Layer(lay.name, lay.module, i, lay.weight, lay.bias)
-            for i, lay in enumerate(lay for lay in layers if lay.inputs)
-        ]
-        for lay in layers:
-            lay.inputs.clear()
-            lay.outputs.clear()
-        hooked = {n for lay in self.layers for n in (lay.weight, lay.bias) if n}
-        self.hooked = hooked
-        self.rest = [n for n in names if n not in hooked]
-        self.kron = kron
-        if kron and self.rest:
-            raise ValueError(f"kronecker needs every parameter hookable; not: {self.rest[:3]}")
-        self._mats: dict[tuple[int, int, int], torch.Tensor] = {}
+    def fn(rows: int) -> None:
+        from trak import TRAKer  # a missing package is recorded as this row's error
 
-    def _matrix(self, key: tuple[int, int, int], rows: int) -> torch.Tensor:
-        if key not in self._mats:
-            gen = torch.Generator().manual_seed(hash(key) & 0x7FFFFFFF)
-            self._mats[key] = torch.randn(rows, 32, generator=gen) / 32**0.5
-        return self._mats[key]
-
-    def _rest_sqnorm(self, weights: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        params = {n: weights[n] for n in self.rest}
-        frozen = {n: w for n, w in weights.items() if n not in params}
-        leaves, rebuild = _flatten(batch)
-
-        def one(p: dict[str, torch.Tensor], *row: torch.Tensor) -> torch.Tensor:
-            single = rebuild([t.unsqueeze(0) for t in row])
-            return TASK.train_loss(functional_model(self.model, {**frozen, **p}), single)[0]
-
-        grads = vmap(grad(one), in_dims=(None, *([0] * len(leaves))))(params, *leaves)
-        n = leaves[0].shape[0]
-        return sum(g.reshape(n, -1).pow(2).sum(1, dtype=torch.float64) for g in grads.values())
-
-    def _linear(
-        self, lay: _Layer, grads: Sequence[torch.Tensor], ckpt: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Linear / Embedding: a and d per position, no ones column, no float64 copies."""
-        a_parts, d_parts = [], []
-        for x, g in zip(lay.inputs, grads, strict=True):
-            a, d = _positions(lay, x, g)
-            a_parts.append(a)
-            d_parts.append(d)
-        a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, 1)
-        d = d_parts[0] if len(d_parts) == 1 else torch.cat(d_parts, 1)
-        emb = lay.module.num_embeddings if isinstance(lay.module, nn.Embedding) else None
-        pad = getattr(lay.module, "padding_idx", None)
-        if pad is not None:
-            d = d * (a != pad).unsqueeze(-1).to(d.dtype)
-        bias = lay.bias is not None
-        sq = _layer_sqnorm(a, d, bias, emb)
-        if not self.kron:
-            return sq, None
-        n_in = emb if emb is not None else a.shape[-1] + bias
-        p_in = self._matrix((ckpt, lay.index, 0), n_in)
-        p_out = self._matrix((ckpt, lay.index, 1), d.shape[-1])
-        if emb is not None:
-            a_proj = p_in[a]
-        else:
-            a_proj = a @ p_in[: a.shape[-1]]
-            if bias:
-                a_proj = a_proj + p_in[-1]
-        return sq, torch.bmm((d @ p_out).transpose(1, 2), a_proj).flatten(1)
-
-    def _conv(
-        self, lay: _Layer, grads: Sequence[torch.Tensor], ckpt: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Conv2d: per-example weight gradients by one grouped convolution_backward (no unfold).
-
-        With ``kron``, the input-side projection of the unfolded patches is itself a
-        convolution with ``P_in`` as its kernel: no unfold there either.
-        """
-        mod = lay.module
-        assert isinstance(mod, nn.Conv2d)
-        weight = mod.weight
-        c_out, c_in, kh, kw = weight.shape
-        gw: torch.Tensor | None = None
-        gb: torch.Tensor | None = None
-        a_proj: list[torch.Tensor] = []
-        d_proj: list[torch.Tensor] = []
-        pad = tuple(int(p) for p in mod.padding)  # type: ignore[union-attr]
-        for x, g in zip(lay.inputs, grads, strict=True):
-            b = x.shape[0]
-            part = torch.nn.grad.conv2d_weight(
-                x.reshape(1, b * c_in, *x.shape[2:]),
-                (b * c_out, c_in, kh, kw),
-                g.reshape(1, b * c_out, *g.shape[2:]),
-                mod.stride,
-                pad,
-                mod.dilation,
-                groups=b,
-            ).reshape(b, -1)
-            gw = part if gw is None else gw + part
-            if lay.bias is not None:
-                gsum = g.sum((2, 3))
-                gb = gsum if gb is None else gb + gsum
-            if self.kron:
-                n_in = c_in * kh * kw
-                p_in = self._matrix((ckpt, lay.index, 0), n_in + (lay.bias is not None))
-                kernel = p_in[:n_in].T.reshape(-1, c_in, kh, kw)
-                bias_row = p_in[-1] if lay.bias is not None else None
-                ap = F.conv2d(x, kernel, bias_row, mod.stride, pad, mod.dilation)
-                a_proj.append(ap.flatten(2).transpose(1, 2))
-                p_out = self._matrix((ckpt, lay.index, 1), c_out)
-                d_proj.append(g.flatten(2).transpose(1, 2) @ p_out)
-        assert gw is not None
-        sq = gw.pow(2).sum(1, dtype=torch.float64)
-        if gb is not None:
-            sq += gb.pow(2).sum(1, dtype=torch.float64)
-        if not self.kron:
-            return sq, None
-        ap_all, dp_all = torch.cat(a_proj, 1), torch.cat(d_proj, 1)
-        return sq, torch.bmm(dp_all.transpose(1, 2), ap_all).flatten(1)
-
-    def batch(
-        self, weights: dict[str, torch.Tensor], batch: Any, ckpt: int
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        params = {
-            n: w.detach().requires_grad_(n in self.hooked) if w.is_floating_point() else w
-            for n, w in weights.items()
-        }
-        with torch.enable_grad(), _capture(self.layers):
-            out = TASK.train_loss(functional_model(self.model, params), batch)
-            outputs = [o for lay in self.layers for o in lay.outputs]
-            grads = torch.autograd.grad(out.sum(), outputs)
-        sq = torch.zeros(out.shape[0], dtype=torch.float64)
-        feats, i = [], 0
-        for lay in self.layers:
-            calls = len(lay.inputs)
-            if isinstance(lay.module, nn.Conv2d) and not self.unfold:
-                sq_l, f = self._conv(lay, grads[i : i + calls], ckpt)
-            else:
-                sq_l, f = self._linear(lay, grads[i : i + calls], ckpt)
-            i += calls
-            sq += sq_l
-            if f is not None:
-                feats.append(f)
-        if self.rest:
-            sq += self._rest_sqnorm(weights, batch)
-        return sq, feats
-
-
-def proto_self_influence(
-    ctx: Ctx, bs: int, kron: bool = False, unfold: bool = False
-) -> Callable[[int], Any]:
-    proto = ProtoSqnorms(ctx.model, ctx.tensors(2), kron, unfold)
-
-    def fn(rows: int) -> np.ndarray:
-        x, y = ctx.tensors(rows)
-        norms = []
-        with eval_mode(ctx.model):
-            for ckpt in ctx.ckpts:
-                weights = fit_state(ctx.model, ckpt.state_dict(), ckpt.id)
-                key = checkpoint_key(ckpt.id)
-                parts = []
+        with tempfile.TemporaryDirectory() as folder:
+            traker = TRAKer(
+                model=copy.deepcopy(ctx.model).eval(),
+                task="image_classification",  # margin of the label's logit: model(x) -> logits
+                train_set_size=rows,
+                save_dir=folder,
+                load_from_save_dir=False,
+                device="cpu",
+                proj_dim=1024,
+                use_half_precision=False,
+                logging_level=logging.ERROR,
+            )
+            for i, state in enumerate(states):
+                traker.load_checkpoint(state, model_id=i)
                 for s in range(0, rows, bs):
-                    sq, feats = proto.batch(weights, (x[s : s + bs], y[s : s + bs]), key)
-                    if not bool(torch.isfinite(sq).all()):
-                        raise ValueError("non-finite gradients")
-                    if feats:
-                        np.concatenate([f.numpy() for f in feats], axis=1)  # as a store would
-                    parts.append(sq.numpy())
-                norms.append(np.concatenate(parts))
-        return sum(lr * s for lr, s in zip(LRS, norms, strict=True))
+                    xb, yb = ctx.x[s : min(s + bs, rows)], ctx.y[s : min(s + bs, rows)]
+                    traker.featurize(batch=(xb, yb), num_samples=len(yb))
 
     return fn
 
@@ -855,23 +736,29 @@ def bench_model(spec: Spec, n: int, budget: float, quick: bool, root: Path) -> d
     paths = make_checkpoints(model, folder, seed=1)
     ckpts = tracin.Checkpoints.from_paths(paths, lr="lr")
     ctx = Ctx(spec, model, x, y, paths, ckpts)
-    hookable = not supported_layers(model, select_parameters(model, None))[1]
+    names = select_parameters(model, None)
+    hooked, rest = supported_layers(model, names)
+    hookable = not rest  # every parameter in a hookable layer: Kronecker projection possible
+    sizes_of = dict(model.named_parameters())
+    n_rest = sum(sizes_of[r].numel() for r in rest)
     skip_slow = quick and n_params > 100_000  # baselines that take ~10-30 s a batch
 
     def add(res: Result, fn: Callable[[int], Any], probe: int, **kw: Any) -> Result:
-        if skip_slow and res.key in ("tracin_gauss", "dattri_noproj", "dattri_proj512"):
+        slow = ("tracin_gauss", "dattri_noproj", "dattri_proj512", "trak_proj1024")
+        if skip_slow and res.key in slow:
             res.error = "skipped in --quick (tens of seconds a batch on this model)"
             results.append(res)
             return res
         results.append(run_measure(res, fn, n, probe, budget, **kw))
         return res
 
-    # tracin exact: engine auto is one of these two (factored when every parameter is hookable)
+    # tracin exact: engine auto is the factored one whenever some layer is hookable
     sizes = (64,) if quick else (64, 256) if n_params > 100_000 else (64, 128, 256)
     best = {e: sweep_engine(ctx, e, sizes, budget, results) for e in ("functional", "factored")}
-    auto_is = "factored" if hookable else "functional"
+    auto_is = "factored" if hooked else "functional"
     auto = copy.copy(best[auto_is])
-    auto.key, auto.label = "tracin_exact_auto", f"tracin exact, engine=auto (= {auto_is})"
+    how = "factored + torch.func rest" if hooked and rest else auto_is
+    auto.key, auto.label = "tracin_exact_auto", f"tracin exact, engine=auto (= {how})"
     results.append(auto)
     bs_auto = auto.batch or 64
     add(
@@ -884,6 +771,19 @@ def bench_model(spec: Spec, n: int, budget: float, quick: bool, root: Path) -> d
         tracin_exact(ctx, "auto", bs_auto, in_memory=True),
         bs_auto,
         step=bs_auto,
+    )
+    add(
+        Result(
+            "tracin_stream_q64",
+            "tracin exact influence, streamed, 64 queries",
+            "exact",
+            batch=bs_auto,
+            note="one query pass, no store (the queries' gradients included): rows x ckpts / s",
+        ),
+        tracin_streamed_influence(ctx, bs_auto),
+        4 * bs_auto,  # the 64 queries' own gradients are amortised over the rows
+        step=bs_auto,
+        warmup=4 * bs_auto,
     )
     # Captum TracInCP
     add(
@@ -930,7 +830,11 @@ def bench_model(spec: Spec, n: int, budget: float, quick: bool, root: Path) -> d
             warmup=16,
         )
     big = n_params * 1024 * 4 > 1 << 30  # P exceeds DenseProjector's 1 GiB cache
-    how = "regenerated every batch" if big else "generated once per checkpoint and call"
+    how = (
+        "1 GiB of it cached, the rest regenerated every batch"
+        if big
+        else "generated once per checkpoint and call"
+    )
     add(
         Result(
             "tracin_gauss",
@@ -961,35 +865,18 @@ def bench_model(spec: Spec, n: int, budget: float, quick: bool, root: Path) -> d
         64,
         step=64,
     )
-    # prototype of the proposed fix
     add(
-        Result("proto_exact", "PROTOTYPE exact (fixes 1, 2 below)", "proto", batch=bs_auto),
-        proto_self_influence(ctx, bs_auto),
-        bs_auto,
-        step=bs_auto,
-        warmup=16,
+        Result(
+            "trak_proj1024",
+            "TRAK featurize, proj 1024 (CPU), b64",
+            "proj",
+            batch=64,
+            note="BasicProjector: P generated in 100-column blocks every batch",
+        ),
+        trak_featurize(ctx, 64),
+        64,
+        step=64,
     )
-    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        add(
-            Result(
-                "proto_exact_unfold",
-                "PROTOTYPE, but convolutions via F.unfold + bmm",
-                "proto",
-                batch=bs_auto,
-            ),
-            proto_self_influence(ctx, bs_auto, unfold=True),
-            bs_auto,
-            step=bs_auto,
-            warmup=16,
-        )
-    if hookable:
-        add(
-            Result("proto_kron", "PROTOTYPE kronecker 1024 (fix 1)", "proto", batch=bs_auto),
-            proto_self_influence(ctx, bs_auto, kron=True),
-            bs_auto,
-            step=bs_auto,
-            warmup=16,
-        )
 
     by_key = {r.key: r for r in results}
     for res in results:
@@ -1008,9 +895,21 @@ def bench_model(spec: Spec, n: int, budget: float, quick: bool, root: Path) -> d
         "parameters": n_params,
         "examples": n,
         "all_hookable": hookable,
+        "torch_func_parameters": {"tensors": len(rest), "numel": n_rest},
+        "feature_dims": feature_dims(model, names, hookable),
         "results": [r.to_json(train.rate) for r in results],
         "targets": targets(by_key, train.rate),
     }
+
+
+def feature_dims(model: nn.Module, names: Sequence[str], hookable: bool) -> dict[str, int]:
+    """Features per row and checkpoint of each configuration (what a store holds)."""
+    dims = {"exact": sum(dict(model.named_parameters())[n].numel() for n in names)}
+    if hookable:
+        kron = ProjectionConfig(kind="kronecker", dim=1024)
+        dims["kronecker_1024"] = FactoredEngine(model, names, kron).dim()
+    dims["gaussian_1024"] = 1024
+    return dims
 
 
 # --- targets ------------------------------------------------------------------------------------
@@ -1026,12 +925,8 @@ def _exact_ok(r: Result | None) -> bool:
 
 
 def targets(by_key: dict[str, Result], train: float) -> list[dict[str, Any]]:
-    """Each target: the measured ratio, the goal, met or missed (prototype ratio alongside)."""
-    tracin_rates = {
-        k: _rate(by_key, f"tracin_exact_{k}") for k in ("auto", "functional", "factored")
-    }
+    """Each target of issue #4: the measured ratio, the goal, met or missed."""
     exact = _rate(by_key, "tracin_exact_auto")
-    proto = _rate(by_key, "proto_exact")
     fast = by_key.get("captum_fast")
     captum_best = max(
         (r.rate for r in (fast, by_key.get("captum_default")) if _exact_ok(r) and r is not None),
@@ -1039,29 +934,20 @@ def targets(by_key: dict[str, Result], train: float) -> list[dict[str, Any]]:
     )
     default = _rate(by_key, "captum_default")
     last, cfast = _rate(by_key, "tracin_last_layer"), _rate(by_key, "captum_fast_last")
-    proj_candidates = [_rate(by_key, k) for k in ("tracin_kron", "tracin_gauss")]
-    proj = max((p for p in proj_candidates if p), default=None)
-    proto_proj = _rate(by_key, "proto_kron")
+    proj_rates = {k: _rate(by_key, k) for k in ("tracin_kron", "tracin_gauss")}
+    proj_key = max((k for k, v in proj_rates.items() if v), key=proj_rates.get, default=None)
+    proj = proj_rates[proj_key] if proj_key else None
+    proj_note = {"tracin_kron": "kronecker", "tracin_gauss": "gaussian"}.get(proj_key or "", "")
     dattri = _rate(by_key, "dattri_proj512")
+    trak = _rate(by_key, "trak_proj1024")
+    forward = _rate(by_key, "forward")
 
     def row(
-        name: str,
-        value: float | None,
-        other: float | None,
-        goal: float,
-        proto_value: float | None = None,
-        note: str = "",
+        name: str, value: float | None, other: float | None, goal: float, note: str = ""
     ) -> dict[str, Any]:
         ratio = None if value is None or other is None else value / other
-        pr = None if proto_value is None or other is None else proto_value / other
-        return {
-            "target": name,
-            "ratio": ratio,
-            "goal": goal,
-            "met": None if ratio is None else ratio >= goal,
-            "prototype_ratio": pr,
-            "note": note,
-        }
+        met = None if ratio is None else ratio >= goal
+        return {"target": name, "ratio": ratio, "goal": goal, "met": met, "note": note}
 
     notes = (
         ""
@@ -1071,28 +957,33 @@ def targets(by_key: dict[str, Result], train: float) -> list[dict[str, Any]]:
             "outside Linear/Conv2d; compared with its correct per-example path"
         )
     )
-    best_engine = max((v for v in tracin_rates.values() if v), default=None)
+    engines = {k: _rate(by_key, f"tracin_exact_{k}") for k in ("functional", "factored", "auto")}
+    best = max((v for v in engines.values() if v), default=None)
+    bound = (
+        f"the forward pass alone is {forward / cfast:.2f}x TracInCPFast"
+        if forward and cfast
+        else ""
+    )
     return [
         row(
             "exact all-layer >= 3x Captum TracInCP fastest (correct)",
             exact,
             captum_best,
             3.0,
-            proto,
             notes,
         ),
-        row("exact all-layer >= 10x Captum TracInCP default", exact, default, 10.0, proto),
+        row("exact all-layer >= 10x Captum TracInCP default", exact, default, 10.0),
         row(
             "exact all-layer within 1.5x of the training step",
             exact,
             train,
             1 / 1.5,
-            proto,
-            f"best engine: {best_engine and best_engine / train:.2f}x",
+            f"best engine: {best and best / train:.2f}x",
         ),
-        row("last layer >= 2x Captum TracInCPFast", last, cfast, 2.0),
-        row("projected 1024 within 2x of the training step", proj, train, 0.5, proto_proj),
-        row("projected 1024 >= 10x dattri (projection 512)", proj, dattri, 10.0, proto_proj),
+        row("last layer >= 2x Captum TracInCPFast", last, cfast, 2.0, bound),
+        row("projected 1024 within 2x of the training step", proj, train, 0.5, proj_note),
+        row("projected 1024 >= 10x dattri (projection 512)", proj, dattri, 10.0, proj_note),
+        row("projected 1024 ahead of TRAK featurize (CPU, 1024)", proj, trak, 1.0, proj_note),
     ]
 
 
@@ -1119,34 +1010,47 @@ def _run_line(run: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     meta = report["meta"]
     lines = [
-        "# Engines: tracin vs Captum vs dattri (throughput)",
+        "# Engines: tracin vs Captum vs dattri vs TRAK (throughput, memory)",
         "",
         f"Reproduce: `{meta['command']}`",
         "",
         f"{meta['date']}, {meta['machine']}, torch {meta['torch']} ({meta['threads']} threads), "
-        f"captum {meta['captum']}, dattri {meta['dattri']}. This machine is shared with other "
-        "processes: each model's line says how busy it was (1-minute load average, the cores "
-        "other processes used just before, seconds waited for them to go quiet, seconds spent "
-        "re-running disturbed runs).",
+        f"captum {meta['captum']}, dattri {meta['dattri']}, traker {meta.get('traker', '-')}. "
+        "This machine is shared with other processes: each model's line says how busy it was "
+        "(1-minute load average, the cores other processes used just before, seconds waited for "
+        "them to go quiet, seconds spent re-running disturbed runs).",
         "",
         "Rates are checkpoint-examples per second (examples x 3 checkpoints / s); the train step "
         "is examples/s. `x train` is the rate over the training step's. `rel. err` is the max "
         "elementwise relative error of self-influence against Captum's per-example loop (last "
         "layer: against Captum TracInCP restricted to the final layer) on the rows both ran. "
-        "`others`: CPU cores other processes used during the kept run (from /proc/stat; a run "
-        f"with more than {OTHERS_MAX} was retried, up to {RETRIES} times per figure). "
-        "PROTOTYPE rows are the proposed fix, built in this script from tracin's hook helpers "
-        "(see the notes at the end).",
+        "`peak MB`: the process's peak resident set (VmHWM, reset before each method) over the "
+        "method's warm-up, probe and timed runs, interpreter, torch, data and model included "
+        "(the train row's is the baseline); `+MB`: that peak above the resident set just before "
+        "the method. `others`: CPU cores other processes used during the kept run (from "
+        f"/proc/stat; a run with more than {OTHERS_MAX} was retried, up to {RETRIES} times per "
+        "figure).",
     ]
     for name, m in report["models"].items():
+        dims = ", ".join(f"{k} {v:,}" for k, v in m.get("feature_dims", {}).items())
+        rest = m.get("torch_func_parameters", {})
         lines += [
             "",
             f"## {name}: {m['title']}, {m['parameters']:,} parameters, {m['examples']} examples",
             "",
             _run_line(m.get("run", {})),
             "",
-            "| method | batch | rows timed | rate /s | x train | rel. err | others | note |",
-            "|---|---:|---:|---:|---:|---:|---:|---|",
+            f"Features per row and checkpoint: {dims}. "
+            + (
+                f"Left to torch.func by the factored engine: {rest['tensors']} tensors, "
+                f"{rest['numel']:,} parameters."
+                if rest.get("tensors")
+                else "Every parameter is in a hooked layer."
+            ),
+            "",
+            "| method | batch | rows timed | rate /s | x train | rel. err | peak MB | +MB "
+            "| others | note |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in m["results"]:
             if r["group"] == "sweep":
@@ -1155,62 +1059,17 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['label']} | {_fmt(r['batch'])} | {r['rows'] or '-'} | {_fmt(r['rate'])} "
                 f"| {_fmt(r['ratio_to_train'], '.3f')} | {_fmt(r['relerr'], '.1e')} "
+                f"| {_fmt(r.get('peak_mb'))} | {_fmt(r.get('mem_mb'))} "
                 f"| {_fmt(r['others'], '.2f')} | {note} |"
             )
-        lines += [
-            "",
-            "| target | ratio | goal | met | prototype ratio | note |",
-            "|---|---:|---:|---|---:|---|",
-        ]
+        lines += ["", "| target | ratio | goal | met | note |", "|---|---:|---:|---|---|"]
         for t in m["targets"]:
             met = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
             lines.append(
                 f"| {t['target']} | {_fmt(t['ratio'], '.2f')} | {t['goal']:.2f} | {met} "
-                f"| {_fmt(t['prototype_ratio'], '.2f')} | {t['note']} |"
+                f"| {t['note']} |"
             )
-    lines += ["", "## What the PROTOTYPE rows change (proposed fixes in src/tracin)", "", *FIXES]
     return "\n".join(lines) + "\n"
-
-
-FIXES = [
-    "0. Done in src during this benchmark's development, and measured by the `tracin exact` "
-    "rows: self-influence streams `engine.sqnorms` with no (B, P) gradient matrix and no "
-    "isfinite over one (a9c8240, cf57024); native-dtype products with float64 sums (a9c8240); "
-    "embedding norms from a (B, T, T) index-equality Gram instead of a dense (B, vocab, dim) "
-    "tensor (6b52dcb); the bias handled apart instead of a ones column copied onto every layer "
-    "input (57cd331). The prototype below has all of them as well.",
-    "1. Convolutions go through `F.unfold` + `bmm` (`_hooks._positions`). Fix: per-example "
-    "weight gradients from one grouped `torch.nn.grad.conv2d_weight(x.reshape(1, B*C, H, W), "
-    "(B*O, C, kh, kw), g.reshape(1, B*O, H', W'), stride, padding, dilation, groups=B)`, bias "
-    "`g.sum((2, 3))`; the Kronecker input projection `unfold(x) @ P_in` is "
-    "`F.conv2d(x, P_in[:-1].T.reshape(k, C, kh, kw), bias=P_in[-1])`. Rows `PROTOTYPE` against "
-    "`PROTOTYPE, but convolutions via F.unfold + bmm` isolate this.",
-    "2. `_hooks.supported_layers` hooks `nn.MultiheadAttention.out_proj`, whose weight MHA uses "
-    "functionally, so `engine='factored'` fails on every nn.TransformerEncoder ('out_proj was "
-    "not called'), and `auto` sends the whole model to torch.func (dense per-example embedding "
-    "gradients included). Fix: route layers whose hook did not fire on the first batch (or "
-    "Linear children of nn.MultiheadAttention) to the torch.func rest, and let `auto` use hooks "
-    "+ torch.func rest when some parameters are unhookable. The prototype does this on "
-    "text_mha. Also `FunctionalEngine.sqnorms` still concatenates the (B, P) gradients before "
-    "squaring them: sum each parameter's squares from the vmap dict instead.",
-    "3. Not prototyped: `_projection.DenseProjector._block` charges every cached block a full "
-    "`block_rows * k * 4` bytes (64 MiB at k=1024) whatever its real size, so at most 16 blocks "
-    "are kept: a model with more than 16 parameter tensors regenerates the rest of P every "
-    "batch even when P is a few MB (30 tensors of 100 rows: 58 generations in 3 batches). Fix: "
-    "count `mat.numel() * mat.element_size()`. Past the cache (P x k > 1 GiB, ~262k parameters "
-    "at k=1024) P is regenerated every batch: prefer kronecker (or a sparse JL sketch) there.",
-    "4. Not prototyped: `_batch._loader` wraps a TensorDataset in a DataLoader (per-row "
-    "indexing + collate); slicing `dataset.tensors` directly is what the `in-memory tensors` "
-    "row measures.",
-    "5. Not prototyped: `_api._check_first_batch` runs `check_task` (two forward passes, B and "
-    "B - 1 rows) on a whole first batch per featurize call: ~15% of a last-layer run on the "
-    "1M-parameter text model (measured by slicing it to 8 rows). Fix: check on <= 8 rows.",
-    "6. Not prototyped: `projection='kronecker'` gives every layer 32 x 32 = 1024 features "
-    "whatever its size (`FactoredEngine._side`), so DemoCNN's conv1 (8 x 10 numbers with the "
-    "bias) is inflated to 1024 and the 9.8k-parameter model gets 4096 features per checkpoint. "
-    "Fix: `k_in = min(side, n_in + bias)`, `k_out = min(side, n_out)` (or keep such layers "
-    "exact).",
-]
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -1223,14 +1082,23 @@ def print_table(report: dict[str, Any]) -> None:
             ratio, rel = _fmt(r["ratio_to_train"], ".3f"), _fmt(r["relerr"], ".1e")
             print(
                 f"  {r['label']:<46} b{r['batch']!s:<4} {_fmt(r['rate'], '10.1f')}/s "
-                f"x{ratio:<6} err {rel}{err}"
+                f"x{ratio:<6} err {rel} +{_fmt(r.get('mem_mb'))} MB{err}"
             )
         for t in m["targets"]:
             met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
             print(
                 f"  target {t['target']:<58} {_fmt(t['ratio'], '.2f'):>6} / {t['goal']:.2f} "
-                f"{met} (prototype {_fmt(t['prototype_ratio'], '.2f')})"
+                f"{met} {t['note']}"
             )
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def wait_for_load(threshold: float, max_wait: float) -> float:
@@ -1301,6 +1169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
         "captum": captum.__version__,
         "dattri": getattr(dattri, "__version__", "0.3.0"),
+        "traker": _version("traker"),
         "threads": torch.get_num_threads(),
         "load_before": os.getloadavg()[0],
         "waited_s": waited,
