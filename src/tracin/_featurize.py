@@ -216,6 +216,14 @@ def _check_finite(ok: torch.Tensor, stage: str, start: int, ckpt_id: str) -> Non
         )
 
 
+def _finite_rows(feats: torch.Tensor) -> torch.Tensor:
+    """Which rows hold only finite values: one pass (a row sum) unless one is suspect."""
+    ok = torch.isfinite(feats.sum(dim=1))  # NaN and inf propagate; an overflow is re-checked
+    if bool(ok.all()):
+        return ok
+    return torch.isfinite(feats).all(dim=1)
+
+
 class GradientSource:
     """Per-example features of a model at its checkpoints.
 
@@ -265,8 +273,7 @@ class GradientSource:
 
         n, (feats, sq) = self._padded(batch, stage, start, checkpoint, compute)
         feats, sq = feats[:n], sq[:n]
-        _check_finite(torch.isfinite(feats).all(dim=1) & torch.isfinite(sq), stage, start,
-                      checkpoint.id)  # fmt: skip
+        _check_finite(_finite_rows(feats) & torch.isfinite(sq), stage, start, checkpoint.id)
         return feats.detach(), sq.detach().cpu().numpy()
 
     def batch_sqnorms(
