@@ -272,11 +272,38 @@ def test_engines_agree_through_featurize(kind, mlp_setup):
     np.testing.assert_allclose(run.self_influence(), ref.self_influence(), rtol=1e-10)
 
 
-def test_kronecker_needs_hookable_layers(mlp_setup):
-    model = WithNorm().double()
-    with pytest.raises(tracin.ConfigError, match="cannot be Kronecker-projected"):
-        FactoredEngine(model, [n for n, _ in model.named_parameters()],
-                       ProjectionConfig("kronecker", 16))  # fmt: skip
+def test_kronecker_projects_unhooked_parameters_densely():
+    """Parameters no hook sees get one Gaussian projection to `dim` more features, seeded apart
+    from the layers' matrices; the hooked layers' features are unchanged."""
+    torch.manual_seed(8)
+    cls, batch = cases()["fallback"]
+    model = cls().double().eval()
+    names = [n for n, _ in model.named_parameters()]
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    eng = FactoredEngine(model, names, ProjectionConfig("kronecker", 16, seed=3))
+    feats, sq = eng.features(weights, ce, batch, checkpoint=4)
+    exact, exact_sq = FactoredEngine(model, names, ProjectionConfig()).features(
+        weights, ce, batch, 4
+    )
+    torch.testing.assert_close(sq, exact_sq, rtol=1e-12, atol=0)
+    assert eng.dim() == feats.shape[1] and eng.rest_projector is not None
+    scale = exact[:, _offset(model, "scale") :][:, :6]
+    p_rest = eng.rest_projector.matrix_block(4, 0, 0, 6).double()
+    torch.testing.assert_close(feats[:, -16:], scale @ p_rest, rtol=1e-10, atol=1e-12)
+    hooked_only = [n for n in names if n != "scale"]
+    part = FactoredEngine(model, hooked_only, ProjectionConfig("kronecker", 16, seed=3))
+    torch.testing.assert_close(feats[:, :-16], part.features(weights, ce, batch, 4)[0])
+    # the dense matrix is not any hooked layer's: distinct seeds
+    assert not torch.allclose(p_rest[:4, :4].float(), eng._matrix(4, 0, 0, 5)[:4, :4])
+
+
+def _offset(model, name):
+    offset = 0
+    for n, p in model.named_parameters():
+        if n == name:
+            return offset
+        offset += p.numel()
+    raise KeyError(name)
 
 
 def test_last_layer_path_is_exact(mlp_setup, tmp_path):

@@ -103,10 +103,8 @@ def make_engine(model: nn.Module, config: RunConfig) -> FeatureEngine:
         check_precondition(config.precondition, config.engine, proj.kind)
         sizes = _sizes(model, names)
         return PreconditionedFeatures(model, names, make_projector(proj, sizes), sum(sizes))
-    hooked, rest = supported_layers(model, names)
-    factored = config.engine == "factored" or (
-        config.engine == "auto" and bool(hooked) and not (rest and proj.kind == "kronecker")
-    )
+    hooked, _ = supported_layers(model, names)
+    factored = config.engine == "factored" or (config.engine == "auto" and bool(hooked))
     if proj.kind in ("kronecker", "last_layer") and not factored:
         if config.engine == "functional":
             raise ConfigError(f"projection={proj.kind!r} needs engine='factored' (or 'auto')")

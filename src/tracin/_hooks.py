@@ -50,7 +50,7 @@ from tracin._layers import (
     _sqnorm,
     supported_layers,
 )
-from tracin._projection import ProjectionConfig
+from tracin._projection import DenseProjector, ProjectionConfig
 
 __all__ = ["FactoredEngine", "supported_layers"]
 
@@ -62,7 +62,9 @@ class FactoredEngine:
         model: the network (eval mode is the caller's business).
         names: selected parameter names.
         projection: ``identity`` (exact gradients) or ``kronecker`` (per-layer ``k_out x k_in``
-            with ``k_in = k_out = round(sqrt(dim))``).
+            with ``k_in = k_out = round(sqrt(dim))``; parameters outside hooked layers, e.g.
+            nn.MultiheadAttention's packed projection, get one dense Gaussian projection to
+            ``dim`` more features, seeded apart from the layers' matrices).
     """
 
     def __init__(
@@ -86,15 +88,15 @@ class FactoredEngine:
                 f"{list(names)}; pass layers=['<name of the final Linear>']"
             )
         self.rest = FunctionalEngine(model, rest) if rest else None
-        if self.rest is not None and projection.kind == "kronecker":
-            raise ConfigError(
-                f"parameters {rest[:5]} are not in Linear/Conv/Embedding layers and cannot be "
-                "Kronecker-projected; select layers=[...] without them, or use "
-                "projection='gaussian'"
-            )
         self._mats: dict[tuple[int, int, int], torch.Tensor] = {}
         params = dict(model.named_parameters())
         self.sizes = {n: params[n].numel() for n in names}
+        self.rest_projector: DenseProjector | None = None
+        if self.rest is not None and projection.kind == "kronecker":
+            dense = ProjectionConfig("gaussian", projection.dim, projection.seed)
+            self.rest_projector = DenseProjector(  # layer ids after the hooked layers' seeds
+                [self.sizes[n] for n in rest], dense, layer_offset=len(self.layers)
+            )
 
     def dim(self) -> int:
         """Feature dimension."""
@@ -102,7 +104,8 @@ class FactoredEngine:
             return sum(self.sizes.values())
         if self.projection.kind == "last_layer":
             return self.split() + int(self._weight_shape()[0])
-        return sum(
+        rest = 0 if self.rest_projector is None else self.rest_projector.k
+        return rest + sum(
             sum(self.sizes[n] for n in (layer.weight, layer.bias) if n)
             if _is_norm(layer)
             else int(np.prod(self._sides(layer)))
@@ -206,6 +209,10 @@ class FactoredEngine:
                 )
             else:
                 pieces.update(_exact(layer, a, d, emb))
+        if self.rest_projector is not None and self.rest is not None:
+            g = self.rest.gradients(weights, score, batch)
+            sq += g.pow(2).sum(1, dtype=torch.float64)
+            kron.append(self.rest_projector.project(g, checkpoint))
         if kron:
             return torch.cat(kron, dim=1), sq
         if self.rest is not None:

@@ -109,6 +109,8 @@ class DenseProjector:
         block_rows: rows of ``P`` generated per seed.
         cache_bytes: keep generated blocks of the current checkpoint up to this size; beyond
             it they are regenerated for every batch (slow: use per-layer projection for big models).
+        layer_offset: added to the layer index in the seeds (keeps this projector's matrices
+            apart from others seeded with the same base seed).
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class DenseProjector:
         config: ProjectionConfig,
         block_rows: int = 16384,
         cache_bytes: int = 1 << 30,
+        layer_offset: int = 0,
     ) -> None:
         if config.dim is None or config.kind == "identity":
             raise ConfigError("DenseProjector needs kind 'gaussian' or 'rademacher' and a dim")
@@ -127,6 +130,7 @@ class DenseProjector:
         self.cache_bytes = cache_bytes
         self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
         self._cached_ckpt: int | None = None
+        self.layer_offset = layer_offset
 
     def dim(self, n_params: int) -> int:
         """The projected dimension ``k``."""
@@ -134,7 +138,9 @@ class DenseProjector:
 
     def matrix_block(self, checkpoint: int, layer: int, block: int, rows: int) -> torch.Tensor:
         """Rows ``block * block_rows ...`` of layer ``layer``'s part of ``P``, float32."""
-        state = np.random.SeedSequence([self.config.seed, checkpoint, layer, block])
+        state = np.random.SeedSequence(
+            [self.config.seed, checkpoint, layer + self.layer_offset, block]
+        )
         gen = torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1))
         scale = 1.0 / float(np.sqrt(self.k))
         if self.config.kind == "gaussian":
