@@ -56,14 +56,14 @@ def losses(tc, model, ckpts, data):
 
 
 def one_seed(tc, seed, args, work):
-    train_set, test_set, _, _, vocab = tc.prepare(args.n_train, 400, args.max_len, seed)
+    train_set, test_set, _, _, vocab = tc.prepare(args.n_train, args.n_test, args.max_len, seed)
     rng = np.random.default_rng(1000 + seed)
     flipped = np.zeros(len(train_set), dtype=bool)
     flipped[rng.choice(len(train_set), round(args.noise * len(train_set)), replace=False)] = True
     train_set.labels[torch.from_numpy(flipped)] = 1 - train_set.labels[torch.from_numpy(flipped)]
     model = tc.make_model(len(vocab), args.max_len, seed)
     t0 = time.perf_counter()
-    ckpts = tc.train(model, train_set, work / f"seed{seed}", epochs=args.epochs, lr=2e-3,
+    ckpts = tc.train(model, train_set, work / f"seed{seed}", epochs=args.epochs, lr=args.lr,
                      seed=seed, n_checkpoints=args.checkpoints)  # fmt: skip
     out = {"train_s": time.perf_counter() - t0, "test_accuracy": tc.accuracy(model, test_set),
            "train_accuracy_noisy": tc.accuracy(model, train_set), "lrs": list(ckpts.lrs),
@@ -71,8 +71,17 @@ def one_seed(tc, seed, args, work):
     rankings = dict(zip(("loss (final)", "loss (summed over checkpoints)"),
                         losses(tc, model, ckpts, train_set), strict=True))  # fmt: skip
     task = tc.BertTask(output="logits")
+    t0 = time.perf_counter()
+    bias = tracin.featurize(model, task, ckpts, train_set, layers=["classifier.bias"],
+                            batch_size=32, store=work / f"bias{seed}",
+                            embedding_layer="bert.pooler")  # fmt: skip
+    for k in (10, 50):
+        label = f"contrast k={k}, classifier bias"
+        rankings[label] = bias.contrastive_self_influence(k, lr_weighted=False)
+        out["methods"].setdefault(label, {})["seconds"] = time.perf_counter() - t0
+    rankings["classifier bias"] = bias.self_influence_by_checkpoint().sum(0)
     for name, layers in LAYERS.items():
-        for precondition in (None, "adam"):
+        for precondition in (None, "adam") if args.adam else (None,):
             label = name + (" + adam" if precondition else "")
             t0 = time.perf_counter()
             run = tracin.featurize(model, task, ckpts, train_set, layers=layers, batch_size=32,
@@ -102,10 +111,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--n-train", type=int, default=2000)
+    parser.add_argument("--n-test", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--checkpoints", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=32)
     parser.add_argument("--noise", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--no-adam",
+        dest="adam",
+        action="store_false",
+        help="skip the Adam-preconditioned variants (the slow torch.func path)",
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/text_layers.json"))
     args = parser.parse_args()
     tc = example()
