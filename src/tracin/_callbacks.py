@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Iterable
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -59,18 +57,6 @@ def trainer_callback_class() -> type:
                 ``featurize(..., precondition="adam")``).
         """
 
-        def __init__(
-            self,
-            directory: str | Path,
-            *,
-            steps: Iterable[int] | None = None,
-            every: int | None = None,
-            save_optimizer: bool = False,
-        ) -> None:
-            CheckpointRecorder.__init__(
-                self, directory, steps=steps, every=every, save_optimizer=save_optimizer
-            )
-
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             """Save if ``state.global_step`` is a chosen step."""
             if state.is_world_process_zero:
@@ -109,18 +95,7 @@ def lightning_callback_class() -> type:
                 ``featurize(..., precondition="adam")``).
         """
 
-        def __init__(
-            self,
-            directory: str | Path,
-            *,
-            steps: Iterable[int] | None = None,
-            every: int | None = None,
-            save_optimizer: bool = False,
-        ) -> None:
-            CheckpointRecorder.__init__(
-                self, directory, steps=steps, every=every, save_optimizer=save_optimizer
-            )
-            self._last_step = -1
+        _last_step = -1  # the step saved last (an instance attribute once set)
 
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int

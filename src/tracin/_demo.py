@@ -88,9 +88,7 @@ def _train(data: dict[str, Any], out: Path, seed: int) -> tuple[nn.Module, traci
         out, steps=tracin.log_spaced_steps(EPOCHS * steps_per_epoch, N_CHECKPOINTS)
     )
     step = 0
-    for epoch in range(EPOCHS):
-        for group in opt.param_groups:  # the lr after a checkpoint is the one recorded with it
-            group["lr"] = 0.1 if epoch < LR_DROP_EPOCH else 0.01
+    for _ in range(EPOCHS):
         model.train()
         for idx in torch.split(torch.randperm(len(y), generator=gen), BATCH):
             opt.zero_grad()
@@ -98,9 +96,8 @@ def _train(data: dict[str, Any], out: Path, seed: int) -> tuple[nn.Module, traci
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             step += 1
-            if epoch + 1 == LR_DROP_EPOCH and step == (epoch + 1) * steps_per_epoch:
-                for group in opt.param_groups:  # drop now, so this step's checkpoint says 0.01
-                    group["lr"] = 0.01
+            for group in opt.param_groups:  # the lr of the next updates: saved with a checkpoint
+                group["lr"] = 0.1 if step < LR_DROP_EPOCH * steps_per_epoch else 0.01
             rec.step(model, opt, step)
     return model, rec.checkpoints()
 

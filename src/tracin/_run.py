@@ -14,7 +14,7 @@ Learning rates enter only through `lr_weighted_sum`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -188,15 +188,21 @@ class Run:
         ]
         return fold(self.lrs, feats)
 
-    def folded_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """``(start_row, (rows, C * dim) float32)`` training vectors ``u(z)``, block by block."""
+    def folded_blocks(
+        self, weights: Sequence[float] | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start_row, (rows, C * dim) float32)`` training vectors ``u(z)``, block by block.
+
+        Args:
+            weights: per-checkpoint weights folded in as ``sqrt(w_c)`` (default: the lrs).
+        """
         if self.streaming:
             raise ConfigError(
                 "folded vectors need stored features: featurize with a store or proj_dim"
             )
         for k in range(self._n_blocks()):
             feats = [self._unfactor(self.store.read_block("train", c, k)[0]) for c in self.ckpt_ids]
-            yield k * self.config.block_rows, fold(self.lrs, feats)
+            yield k * self.config.block_rows, fold(weights or self.lrs, feats)
 
     def _inner(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """Per-checkpoint scores ``(Q, rows)`` from features: ``<g, g'>`` in feature space."""
@@ -234,12 +240,8 @@ class Run:
         neighbours = nearest_other_rows(self.embeddings("train"), k)
         weights = list(self.lrs) if lr_weighted else [1.0] * len(self.lrs)
         si = lr_weighted_sum(zip(weights, self.self_influence_by_checkpoint(), strict=True))
-        scale = np.sqrt([w / lr for w, lr in zip(weights, self.lrs, strict=True)])
-        parts = []
-        for _, block in self.folded_blocks():  # u = concat sqrt(lr_c) g_c: rescale per checkpoint
-            width = block.shape[1] // len(self.lrs)
-            parts.append(block * np.repeat(scale, width)[None, :].astype(np.float32))
-        return neighbour_contrast(si, np.concatenate(parts), neighbours)
+        vectors = np.concatenate([block for _, block in self.folded_blocks(weights)])
+        return neighbour_contrast(si, vectors, neighbours)
 
     def embeddings(self, split: str = "train") -> np.ndarray:
         """Stored ``embedding_layer`` activations of ``split``, shape ``(rows, width)``."""
