@@ -56,11 +56,15 @@ def patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def weight_gradient(
     module: nn.Conv1d | nn.Conv2d, calls: Sequence[tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:
-    """Per-example weight gradients ``(B, weight.numel())``, summed over the calls ``(x, g)``."""
+    """Per-example weight gradients ``(B, weight.numel())``, summed over the calls ``(x, g)``.
+
+    Computed in float32 for a half-precision model (its sums of products overflow float16).
+    """
     kernel, stride, padding, dilation = conv_spec(module)
     total: torch.Tensor | None = None
     for x, g in calls:
-        x2, g2 = as_2d(module, x).to(g.dtype), as_2d(module, g)
+        acc = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+        x2, g2 = as_2d(module, x).to(acc), as_2d(module, g).to(acc)
         b, c_in, c_out = x2.shape[0], x2.shape[1], g2.shape[1]
         part = conv2d_weight(  # type: ignore[no-untyped-call]
             x2.reshape(1, b * c_in, *x2.shape[2:]),

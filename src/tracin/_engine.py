@@ -12,18 +12,21 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
+from tracin import _aliases as aliases
 from tracin._batch import Batch, batch_size, map_tensors
 from tracin._errors import TaskError
 
 __all__ = [
+    "ExampleGradients",
     "FeatureEngine",
     "FunctionalEngine",
     "FunctionalFeatures",
     "GradientEngine",
     "ScoreFn",
     "functional_model",
+    "row_sqnorms",
 ]
 
 ScoreFn = Callable[[Callable[..., Any], Batch], torch.Tensor]
@@ -37,6 +40,41 @@ class GradientEngine(Protocol):
         self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
     ) -> torch.Tensor:
         """Per-example gradients, shape ``(B, P)``, in the weights' dtype."""
+        ...
+
+
+def row_sqnorms(g: torch.Tensor) -> torch.Tensor:
+    """Squared norm of each row of ``g`` ``(B, P)`` as float64 ``(B,)``, whatever ``g``'s dtype.
+
+    Half-precision rows are squared in float32 (a float16 entry of 264 squares past float16's
+    largest value, 65504); the sum is taken in float64.
+    """
+    if g.dtype in (torch.float16, torch.bfloat16):
+        g = g.float()
+    return g.pow(2).sum(1, dtype=torch.float64)
+
+
+class ExampleGradients(Protocol):
+    """Per-example gradients of the selected parameters (`FunctionalEngine`, `LoopEngine`)."""
+
+    names: tuple[str, ...]
+
+    def gradients(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> torch.Tensor:
+        """Per-example gradients ``(B, P)``, parameters concatenated in model order."""
+        ...
+
+    def sqnorms(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> torch.Tensor:
+        """Squared per-example gradient norms ``(B,)``, float64."""
+        ...
+
+    def gradient_dict(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> dict[str, torch.Tensor]:
+        """Per-example gradients ``(B, numel)`` of each selected parameter, in model order."""
         ...
 
 
@@ -55,7 +93,7 @@ def functional_model(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> C
     """``model`` as a plain callable that runs with ``weights`` (the module is not modified)."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        return functional_call(model, dict(weights), args, kwargs)
+        return aliases.call(model, weights, args, kwargs)
 
     return call
 
@@ -84,7 +122,7 @@ class FunctionalEngine:
         """Squared per-example gradient norms ``(B,)``, float64, without concatenating them."""
         grads = self.gradient_dict(weights, score, batch).values()
         return sum(
-            (g.pow(2).sum(1, dtype=torch.float64) for g in grads),
+            (row_sqnorms(g) for g in grads),
             torch.zeros((), dtype=torch.float64),
         )
 
@@ -133,9 +171,9 @@ class FeatureEngine(Protocol):
 
 
 class FunctionalFeatures:
-    """`FunctionalEngine` gradients followed by a `Projector`."""
+    """Per-example gradients (`FunctionalEngine` or `LoopEngine`) followed by a `Projector`."""
 
-    def __init__(self, engine: FunctionalEngine, projector: Any, n_params: int) -> None:
+    def __init__(self, engine: ExampleGradients, projector: Any, n_params: int) -> None:
         self.engine = engine
         self.projector = projector
         self.n_params = n_params
@@ -149,7 +187,7 @@ class FunctionalFeatures:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected gradients and their exact squared norms."""
         g = self.engine.gradients(weights, score, batch)
-        return self.projector.project(g, checkpoint), g.pow(2).sum(dim=1, dtype=torch.float64)
+        return self.projector.project(g, checkpoint), row_sqnorms(g)
 
     def sqnorms(
         self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch

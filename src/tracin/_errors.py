@@ -10,8 +10,10 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "EngineError",
     "TaskError",
     "TracInError",
+    "TracInWarning",
 ]
 
 
@@ -33,3 +35,11 @@ class TaskError(TracInError):
 
 class DataError(TracInError):
     """The training or query data is unusable (empty, shuffled, non-finite gradients)."""
+
+
+class EngineError(ConfigError):
+    """The chosen gradient engine cannot compute this model's per-example gradients exactly."""
+
+
+class TracInWarning(UserWarning):
+    """A notice about a choice tracin made for you (e.g. a slower, exact engine)."""

@@ -8,9 +8,9 @@ is already complete is skipped, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -29,25 +29,30 @@ from tracin._batch import (
 )
 from tracin._checkpoints import Checkpoint, Checkpoints
 from tracin._engine import (
+    ExampleGradients,
     FeatureEngine,
     FunctionalEngine,
     FunctionalFeatures,
     ScoreFn,
     functional_model,
 )
-from tracin._errors import ConfigError, DataError
+from tracin._errors import ConfigError, DataError, EngineError, TaskError, TracInError
 from tracin._hooks import FactoredEngine, supported_layers
+from tracin._loop import LoopEngine
 from tracin._params import fit_state
-from tracin._precondition import PreconditionedFeatures, check_precondition
+from tracin._precondition import PreconditionedFeatures, check_scaling, needs_group_scaling
 from tracin._projection import ProjectionConfig, Projector, checkpoint_key, make_projector
+from tracin._selfcheck import EngineChoice, engine_failure_hint, failing_module, verify_engine
 from tracin._store import EMBEDDING, FeatureStore
 
 __all__ = [
+    "ENGINES",
     "GradientSource",
     "RunConfig",
     "count_rows",
     "data_fingerprint",
     "device_of",
+    "effective_projection",
     "make_engine",
     "model_errors",
     "model_fingerprint",
@@ -87,23 +92,48 @@ class RunConfig:
         return out
 
 
-def make_engine(model: nn.Module, config: RunConfig) -> FeatureEngine:
+ENGINES = ("auto", "functional", "factored", "loop")
+
+
+def make_engine(
+    model: nn.Module,
+    config: RunConfig,
+    choice: EngineChoice | None = None,
+    checkpoints: Sequence[Checkpoint] = (),
+) -> FeatureEngine:
     """The feature engine a configuration asks for.
 
     ``auto`` takes the factored (hook) engine whenever a selected layer is hookable
-    (Linear, Conv, Embedding, LayerNorm, BatchNorm): one batched backward gives those layers'
-    per-example gradients and torch.func computes only the other parameters' (measured in
-    ``benchmarks/engines.py``: 2-7x faster than torch.func alone on CNNs and transformers).
-    With no hookable layer, torch.func. A dense projection projects the exact features.
+    (Linear, Conv, Embedding, LayerNorm, BatchNorm, Hugging Face Conv1D): one batched backward
+    gives those layers' per-example gradients and torch.func computes only the other parameters'
+    (measured in ``benchmarks/engines.py``: 2-7x faster than torch.func alone on CNNs and
+    transformers). With no hookable layer, torch.func. ``loop`` takes one backward per example.
+    A dense projection projects the exact features. ``choice`` (from the engine self-check,
+    `tracin._selfcheck`) excludes parameters from the hooks and picks the engine for the rest.
+    Checkpoints with learning rates per parameter group (or ``precondition``) take torch.func
+    with each parameter's gradient scaled (`tracin._precondition.PreconditionedFeatures`).
+
+    Raises:
+        ConfigError: an unknown engine, or a projection the engine cannot make.
     """
     names, proj = config.parameters, config.projection
-    if config.engine not in ("auto", "functional", "factored"):
-        raise ConfigError(f"engine={config.engine!r}; expected 'auto', 'functional' or 'factored'")
-    if config.precondition is not None:
-        check_precondition(config.precondition, config.engine, proj.kind)
+    choice = choice or EngineChoice()
+    if config.engine not in ENGINES:
+        raise ConfigError(
+            f"engine={config.engine!r}; expected one of {list(ENGINES)} ('auto' is the default)"
+        )
+    grouped = needs_group_scaling(checkpoints)
+    if config.precondition is not None or grouped:
+        check_scaling(config.precondition, grouped, config.engine, proj.kind)
         sizes = _sizes(model, names)
-        return PreconditionedFeatures(model, names, make_projector(proj, sizes), sum(sizes))
-    hooked, _ = supported_layers(model, names)
+        return PreconditionedFeatures(
+            model, names, make_projector(proj, sizes), sum(sizes), config.precondition
+        )
+    if config.engine == "loop":
+        if proj.kind in ("kronecker", "last_layer"):
+            raise ConfigError(f"projection={proj.kind!r} needs engine='factored' (or 'auto')")
+        choice = EngineChoice(rest="loop")
+    hooked, _ = supported_layers(model, names, exclude=choice.exclude)
     factored = config.engine == "factored" or (config.engine == "auto" and bool(hooked))
     if proj.kind in ("kronecker", "last_layer") and not factored:
         if config.engine == "functional":
@@ -111,14 +141,31 @@ def make_engine(model: nn.Module, config: RunConfig) -> FeatureEngine:
         factored = True
     if factored:
         own = proj.kind in ("identity", "kronecker", "last_layer")
-        engine = FactoredEngine(model, names, proj if own else _IDENTITY)
+        engine = FactoredEngine(
+            model, names, proj if own else _IDENTITY, exclude=choice.exclude, rest=choice.rest
+        )
         if own:
             return engine
         return _Projected(engine, make_projector(proj, _sizes(model, names)))
     sizes = _sizes(model, names)
-    return FunctionalFeatures(
-        FunctionalEngine(model, names), make_projector(proj, sizes), sum(sizes)
+    rest: ExampleGradients = (
+        LoopEngine(model, names) if choice.rest == "loop" else FunctionalEngine(model, names)
     )
+    return FunctionalFeatures(rest, make_projector(proj, sizes), sum(sizes))
+
+
+def effective_projection(
+    model: nn.Module, names: tuple[str, ...], proj: ProjectionConfig
+) -> ProjectionConfig:
+    """``proj``, or no projection when a dense one would be no smaller than the gradient.
+
+    A dense projection to ``proj_dim >= P`` (the number of selected parameters) costs more than
+    the exact features and only adds error, so the exact features are kept instead.
+    """
+    dense = proj.kind in ("gaussian", "rademacher") and proj.dim is not None
+    if dense and int(proj.dim or 0) >= sum(_sizes(model, names)):
+        return ProjectionConfig("identity", None, proj.seed)
+    return proj
 
 
 _IDENTITY = ProjectionConfig()
@@ -191,16 +238,45 @@ def count_rows(data: Data | Batch, size: int) -> int:
 
 
 @contextmanager
-def model_errors(stage: str, start: int, n: int, ckpt_id: str) -> Iterator[None]:
-    """Turn an exception from inside the user's model or task into a `DataError` naming rows."""
+def model_errors(
+    stage: str, start: int, n: int, ckpt_id: str, model: nn.Module | None = None
+) -> Iterator[None]:
+    """Turn an exception from inside the user's model or task into one tracin error.
+
+    A `TracInError` passes through. A failure that ``torch.func`` causes becomes an
+    `EngineError` naming the module and the engine that works; any other failure on the first
+    rows (``start == 0``) inside a module is most likely the model's or the task's (wrong arity,
+    the batch laid out differently from what the task expects): a `TaskError` naming the module
+    (outside any module, e.g. a label out of range in the loss, a `DataError`); on later rows the
+    first rows worked, so the data is the likely cause: a `DataError` naming the rows.
+    """
     try:
         yield
-    except (RuntimeError, IndexError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except TracInError:
+        raise
+    except Exception as exc:
+        where = None if model is None else failing_module(exc, model)
+        place = f" in module {where}" if where else ""
+        text = str(exc).strip()
+        first = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        rows = f"{stage} rows {start}..{start + n - 1} at checkpoint {ckpt_id!r}"
+        if engine_failure_hint(exc):
+            raise EngineError(
+                f"torch.func cannot batch the model{place} ({first}) on {rows}. Pass "
+                "engine='loop' (one backward per example: slow, exact) or engine='auto'"
+            ) from exc
+        if start == 0:
+            kind = TaskError if where else DataError  # inside a module, or in the task's code
+            raise kind(
+                f"the model or task failed{place} on the first {stage} rows at checkpoint "
+                f"{ckpt_id!r}: {first}. Check the rows' shapes, dtypes and label range, that the "
+                "model runs on one batch outside tracin, and that the task's inputs=/labels=/"
+                "output= match the batch layout"
+            ) from exc
         raise DataError(
-            f"the model or task failed on {stage} rows {start}..{start + n - 1} at checkpoint "
-            f"{ckpt_id!r}: {first}. Check those rows' shapes, dtypes and label range against "
-            "the training data the model was built for"
+            f"the model or task failed{place} on {rows}: {first}. The first rows worked, so "
+            "check those rows' shapes, dtypes and label range against the training data the "
+            "model was built for"
         ) from exc
 
 
@@ -229,12 +305,41 @@ class GradientSource:
         model: the network (eval mode is the caller's business).
         engine: computes features and exact squared norms per batch.
         batch_size: rows per gradient batch.
+        config: when given (and the run is not preconditioned), the engine is verified on the
+            first batch it sees (`tracin._selfcheck.verify_engine`) and replaced by one that is
+            right if ``config.engine`` is ``"auto"``.
     """
 
-    def __init__(self, model: nn.Module, engine: FeatureEngine, batch_size: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        engine: FeatureEngine,
+        batch_size: int,
+        config: RunConfig | None = None,
+    ) -> None:
         self.model = model
         self.engine = engine
         self.batch_size = batch_size
+        self.config = config
+        # the loop engine is the reference; scaled gradients are not the reference's
+        self._verified = config is None or config.engine == "loop"
+        self._verified = self._verified or isinstance(engine, PreconditionedFeatures)
+
+    def _verify(self, weights: dict[str, torch.Tensor], score: ScoreFn, batch: Batch) -> None:
+        """Check the engine once, on the first batch (`tracin._selfcheck`)."""
+        if self._verified or self.config is None:
+            return
+        config = self.config
+
+        def build(choice: EngineChoice, exact: bool) -> FeatureEngine:
+            if exact:
+                return make_engine(self.model, replace(config, projection=_IDENTITY), choice)
+            return make_engine(self.model, config, choice)
+
+        self.engine = verify_engine(
+            self.model, config.engine, config.parameters, build, weights, score, batch
+        )
+        self._verified = True
 
     def weights(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors, fitted to the model (with its preconditioner, if any)."""
@@ -251,7 +356,7 @@ class GradientSource:
         Errors raised inside name the rows and the checkpoint.
         """
         batch, n = pad_rows(map_tensors(lambda t: t.to(device_of(self.model)), batch))
-        with model_errors(stage, start, n, checkpoint.id):
+        with model_errors(stage, start, n, checkpoint.id, self.model):
             return n, fn(batch)
 
     def batch_features(
@@ -267,6 +372,7 @@ class GradientSource:
         key = checkpoint_key(checkpoint.id)
 
         def compute(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+            self._verify(weights, score, b)
             return self.engine.features(weights, score, b, key)
 
         n, (feats, sq) = self._padded(batch, stage, start, checkpoint, compute)
@@ -283,8 +389,12 @@ class GradientSource:
         start: int,
     ) -> np.ndarray:
         """Exact squared gradient norms of one batch (no features formed)."""
-        n, sq = self._padded(batch, "train", start, checkpoint,
-                             lambda b: self.engine.sqnorms(weights, score, b))  # fmt: skip
+
+        def compute(b: Batch) -> torch.Tensor:
+            self._verify(weights, score, b)
+            return self.engine.sqnorms(weights, score, b)
+
+        n, sq = self._padded(batch, "train", start, checkpoint, compute)
         sq = sq[:n]
         _check_finite(torch.isfinite(sq), "train", start, checkpoint.id)
         return sq.detach().cpu().numpy()

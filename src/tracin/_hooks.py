@@ -14,26 +14,33 @@ their per-example gradients are ``sum_t d_t * xhat_t`` (weight) and ``sum_t d_t`
 - exact ``||G||^2``: ``||a||^2 ||d||^2`` for one position, else ``sum(Gram(d) * Gram(a))`` or
   ``||G||^2`` directly, whichever is cheaper.
 
+Hugging Face ``Conv1D`` is a Linear with a transposed weight; ``nn.EmbeddingBag`` (sum/mean)
+an Embedding over its bag members. Which modules are hooked, and why the rest (tied weights,
+parametrizations, overridden forwards) go to torch.func: `tracin._layers`.
+
 Hooks live only inside `_capture`, which removes them on exit. A layer called more than once in
-a forward pass (weight sharing) accumulates over all its calls, which is the exact gradient.
+a forward pass (weight sharing) accumulates over all its calls, which is the exact gradient. A
+pass in which the model changed a layer's output in place (``ReLU(inplace=True)``) is repeated
+with that layer's output copied, once; later batches copy it from the start.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
-from torch.func import functional_call
 
 from tracin import _conv
+from tracin._aliases import call
 from tracin._batch import Batch, batch_size
-from tracin._engine import FunctionalEngine, ScoreFn
+from tracin._engine import ExampleGradients, FunctionalEngine, ScoreFn, row_sqnorms
 from tracin._errors import ConfigError, TaskError
 from tracin._layers import (
+    _acc,
     _Call,
     _capture,
     _cat,
@@ -48,8 +55,10 @@ from tracin._layers import (
     _norm_gradients,
     _rows,
     _sqnorm,
+    modified_in_place,
     supported_layers,
 )
+from tracin._loop import LoopEngine
 from tracin._projection import DenseProjector, ProjectionConfig
 
 __all__ = ["FactoredEngine", "supported_layers"]
@@ -65,15 +74,23 @@ class FactoredEngine:
             with ``k_in = k_out = round(sqrt(dim))``; parameters outside hooked layers, e.g.
             nn.MultiheadAttention's packed projection, get one dense Gaussian projection to
             ``dim`` more features, seeded apart from the layers' matrices).
+        exclude: parameter names never hooked (their layer goes to ``rest``).
+        rest: engine for parameters outside hooked layers: ``"functional"`` (torch.func) or
+            ``"loop"`` (one backward per example, for modules vmap cannot batch).
     """
 
     def __init__(
-        self, model: nn.Module, names: Sequence[str], projection: ProjectionConfig
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        projection: ProjectionConfig,
+        exclude: Collection[str] = (),
+        rest: str = "functional",
     ) -> None:
         self.model = model
         self.names = tuple(names)
         self.projection = projection
-        self.layers, rest = supported_layers(model, names)
+        self.layers, rest_names = supported_layers(model, names, exclude=exclude)
         if not self.layers:
             raise ConfigError("no Linear/Conv/Embedding layer among the selected parameters")
         if projection.kind not in ("identity", "kronecker", "last_layer"):
@@ -81,13 +98,14 @@ class FactoredEngine:
                 f"the factored engine projects with 'kronecker', not {projection.kind!r}"
             )
         if projection.kind == "last_layer" and (
-            rest or len(self.layers) != 1 or not isinstance(self.layers[0].module, nn.Linear)
+            rest_names or len(self.layers) != 1 or not isinstance(self.layers[0].module, nn.Linear)
         ):
             raise ConfigError(
                 f"projection='last_layer' needs exactly one Linear layer selected, got "
                 f"{list(names)}; pass layers=['<name of the final Linear>']"
             )
-        self.rest = FunctionalEngine(model, rest) if rest else None
+        engine = LoopEngine if rest == "loop" else FunctionalEngine
+        self.rest: ExampleGradients | None = engine(model, rest_names) if rest_names else None
         self._mats: dict[tuple[int, int, int], torch.Tensor] = {}
         params = dict(model.named_parameters())
         self.sizes = {n: params[n].numel() for n in names}
@@ -95,7 +113,7 @@ class FactoredEngine:
         if self.rest is not None and projection.kind == "kronecker":
             dense = ProjectionConfig("gaussian", projection.dim, projection.seed)
             self.rest_projector = DenseProjector(  # layer ids after the hooked layers' seeds
-                [self.sizes[n] for n in rest], dense, layer_offset=len(self.layers)
+                [self.sizes[n] for n in rest_names], dense, layer_offset=len(self.layers)
             )
 
     def dim(self) -> int:
@@ -153,14 +171,18 @@ class FactoredEngine:
                   for n, w in weights.items()}  # fmt: skip
 
         def model(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.model, params, args, kwargs)
+            return call(self.model, params, args, kwargs)
 
-        with torch.enable_grad(), _capture(self.layers, batch_size(batch)):
-            out = score(model, batch)
-            if out.dim() != 1:
-                raise TaskError(f"score returned shape {tuple(out.shape)}; expected (B,)")
-            outputs = [o for layer in self.layers for o in layer.outputs]
-            grads = torch.autograd.grad(out.sum(), outputs, allow_unused=True)
+        for _ in range(2):  # a second pass copies what the model modified in place
+            with torch.enable_grad(), _capture(self.layers, batch_size(batch)):
+                out = score(model, batch)
+                if out.dim() != 1:
+                    raise TaskError(f"score returned shape {tuple(out.shape)}; expected (B,)")
+                if modified_in_place(self.layers):
+                    continue
+                outputs = [o for layer in self.layers for o in layer.outputs]
+                grads = torch.autograd.grad(out.sum(), outputs, allow_unused=True)
+                break
         result, i = [], 0
         for layer in self.layers:
             calls = []
@@ -170,6 +192,7 @@ class FactoredEngine:
                 i += 1
             layer.inputs.clear()
             layer.outputs.clear()
+            layer.versions.clear()
             if not calls:
                 raise TaskError(f"layer {layer.name!r} was not called by the model's forward pass")
             result.append(calls)
@@ -180,7 +203,9 @@ class FactoredEngine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features ``(B, dim)`` and exact squared gradient norms ``(B,)`` (float64)."""
         captured = self._captured(weights, score, batch)
-        sq = torch.zeros(captured[0][0][0].shape[0], dtype=torch.float64)
+        sq = torch.zeros(
+            captured[0][0][1].shape[0], dtype=torch.float64, device=captured[0][0][1].device
+        )
         kind = self.projection.kind
         pieces: dict[str, torch.Tensor] = {}
         kron = []
@@ -190,7 +215,7 @@ class FactoredEngine:
                 if kind == "identity":
                     pieces.update(grads)
                     continue
-                sq += sum(g.pow(2).sum(1, dtype=torch.float64) for g in grads.values())
+                sq += sum(row_sqnorms(g) for g in grads.values())
                 if _is_norm(layer):  # elementwise layers stay exact
                     kron.append(torch.cat(list(grads.values()), dim=1))
                     continue
@@ -211,14 +236,14 @@ class FactoredEngine:
                 pieces.update(_exact(layer, a, d, emb))
         if self.rest_projector is not None and self.rest is not None:
             g = self.rest.gradients(weights, score, batch)
-            sq += g.pow(2).sum(1, dtype=torch.float64)
+            sq += row_sqnorms(g)
             kron.append(self.rest_projector.project(g, checkpoint))
         if kron:
             return torch.cat(kron, dim=1), sq
         if self.rest is not None:
             pieces.update(self.rest.gradient_dict(weights, score, batch))
         for piece in pieces.values():  # exact features: the norm is the features' own
-            sq += piece.pow(2).sum(1, dtype=torch.float64)
+            sq += row_sqnorms(piece)
         return torch.cat([pieces[n] for n in self.names], dim=1), sq
 
     def sqnorms(
@@ -226,11 +251,13 @@ class FactoredEngine:
     ) -> torch.Tensor:
         """Exact squared gradient norms ``(B,)`` (float64) without forming any gradient."""
         captured = self._captured(weights, score, batch)
-        sq = torch.zeros(captured[0][0][0].shape[0], dtype=torch.float64)
+        sq = torch.zeros(
+            captured[0][0][1].shape[0], dtype=torch.float64, device=captured[0][0][1].device
+        )
         for layer, calls in zip(self.layers, captured, strict=True):
             if _is_conv(layer) or _is_norm(layer):
                 fn = _conv_gradients if _is_conv(layer) else _norm_gradients
-                sq += sum(g.pow(2).sum(1, dtype=torch.float64) for g in fn(layer, calls).values())
+                sq += sum(row_sqnorms(g) for g in fn(layer, calls).values())
             else:
                 a, d = _layer_positions(layer, calls)
                 sq += _sqnorm(a, d, _rows(layer), layer.bias is not None)
@@ -258,7 +285,7 @@ class FactoredEngine:
         module = layer.module
         assert isinstance(module, nn.Conv1d | nn.Conv2d)
         n_in, bias = _layer_shape(layer)[1], layer.bias is not None
-        d = _cat([_conv.output_positions(module, g) for _, g in calls])
+        d = _cat([_conv.output_positions(module, g).to(_acc(g.dtype)) for _, g in calls])
         if self._sides(layer)[1] < n_in:
             p_in = self._matrix(checkpoint, layer.index, 0, n_in).to(d.dtype)
             a = _cat([_conv.input_projection(module, x, p_in, bias) for x, _ in calls])

@@ -4,11 +4,20 @@ A hooked layer records, per call in a forward pass, its input (for a norm layer 
 input ``xhat``) and, after one ``autograd.grad`` to its outputs, the output gradient ``d``.
 Linear, Embedding and convolution gradients are ``sum_t d_t a_t^T`` over positions ``t``;
 LayerNorm and BatchNorm (eval) gradients are ``sum_t d_t * xhat_t`` and ``sum_t d_t``.
+Hugging Face ``Conv1D`` (``y = x @ W + b``, ``W`` of shape ``(in, out)``) is a Linear whose
+gradient is ``G^T``; ``nn.EmbeddingBag`` is an Embedding over bag members (`tracin._bags`).
+
+Only a layer whose gradient is provably ``sum_t d_t a_t^T`` is hooked: a parameter owned by two
+modules (tied weights), a weight computed by a parametrization (or by a pre-hook, as the old
+``weight_norm``), or a subclass or instance that replaces ``forward`` is left to torch.func,
+which is exact. Hooks record a layer's own output before any user forward hook changes it.
+Sums of many products run in float32 or better whatever the model's dtype (float16 products
+overflow at 65504).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +27,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from tracin import _conv
+from tracin import _bags, _conv
 from tracin._errors import TaskError
 
 
@@ -33,25 +42,53 @@ class _Layer:
     bias: str | None
     inputs: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
+    versions: list[tuple[int, int]] = field(default_factory=list)
+    clone: bool = False  # set once the model was seen to modify an input/output in place
 
 
 def _layer_shape(layer: _Layer) -> tuple[int, int]:
     """``(out, in)`` of the layer's gradient matrix ``G`` (bias column included in ``in``)."""
     weight = layer.module.weight
     assert isinstance(weight, torch.Tensor)
-    if isinstance(layer.module, nn.Embedding):
-        return int(weight.shape[1]), int(weight.shape[0])  # G^T: (dim, rows) as d a^T
+    if isinstance(layer.module, nn.Embedding | nn.EmbeddingBag) or _is_hf_conv1d(layer.module):
+        bias = 1 if layer.bias is not None else 0  # G^T: (out, in) as d a^T
+        return int(weight.shape[1]), int(weight.shape[0]) + bias
     n_in = int(weight[0].numel()) + (1 if layer.bias is not None else 0)
     return int(weight.shape[0]), n_in
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` of shape ``(in, out)``."""
+    weight = module._parameters.get("weight")
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and weight is not None
+        and weight.dim() == 2
+        and int(weight.shape[1]) == getattr(module, "nf", None)
+    )
+
+
+def _own_forward(module: nn.Module, base: type[nn.Module], *methods: str) -> bool:
+    """Whether ``module`` runs ``base``'s own ``forward`` (and helpers), not an override."""
+    names = ("forward", *methods)
+    return not any(n in vars(module) for n in names) and all(
+        getattr(type(module), n) is getattr(base, n) for n in names
+    )
 
 
 def _conv_ok(module: nn.Module) -> bool:
     return (
         isinstance(module, nn.Conv1d | nn.Conv2d)
+        and _own_forward(module, _conv_base(module), "_conv_forward")
         and module.groups == 1
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
     )
+
+
+def _conv_base(module: nn.Module) -> type[nn.Module]:
+    return nn.Conv1d if isinstance(module, nn.Conv1d) else nn.Conv2d
 
 
 _NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -59,42 +96,91 @@ _NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
 def _norm_ok(module: nn.Module) -> bool:
     if isinstance(module, nn.LayerNorm):
-        return module.elementwise_affine
+        return module.elementwise_affine and _own_forward(module, nn.LayerNorm)
     return (
         isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d)
+        and _own_forward(module, nn.BatchNorm1d)
         and module.affine
         and module.track_running_stats
     )
 
 
 def _supported(module: nn.Module) -> bool:
+    """Whether the module's weight gradient is exactly the factored formula of its type."""
     if isinstance(module, nn.Embedding):
-        return module.max_norm is None and not module.scale_grad_by_freq
-    return isinstance(module, nn.Linear) or _conv_ok(module) or _norm_ok(module)
+        return (
+            _own_forward(module, nn.Embedding)
+            and module.max_norm is None
+            and not module.scale_grad_by_freq
+        )
+    if isinstance(module, nn.EmbeddingBag):
+        return _own_forward(module, nn.EmbeddingBag) and _bags.bag_ok(module)
+    if isinstance(module, nn.Linear):
+        return _own_forward(module, nn.Linear)
+    return _is_hf_conv1d(module) or _conv_ok(module) or _norm_ok(module)
 
 
-def supported_layers(model: nn.Module, names: Sequence[str]) -> tuple[list[_Layer], list[str]]:
+def _plain(module: nn.Module) -> bool:
+    """The weight the forward pass uses is the module's own parameter (not computed)."""
+    return isinstance(module._parameters.get("weight"), torch.Tensor) and not getattr(
+        module, "parametrizations", None
+    )
+
+
+def shared_parameters(model: nn.Module) -> set[int]:
+    """``id`` of every parameter tensor that more than one module (or attribute) owns."""
+    owners: dict[int, set[tuple[int, str]]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), set()).add((id(module), attr))
+    return {pid for pid, owner in owners.items() if len(owner) > 1}
+
+
+def supported_layers(
+    model: nn.Module, names: Sequence[str], exclude: Collection[str] = ()
+) -> tuple[list[_Layer], list[str]]:
     """Split selected parameter names into hookable layers and the rest (for torch.func).
 
-    A layer is hooked when its weight is selected and its bias is selected or absent (an
-    Embedding has no bias); anything else falls back to the functional engine.
+    A layer is hooked when its weight is selected, its bias is selected or absent (an
+    Embedding has no bias), neither is in ``exclude`` nor shared with another module (tied
+    weights: the other module's use would be missed), and its gradient is provably the
+    factored formula (see the module docstring). Anything else falls back to the functional
+    engine, which is exact.
+
+    Args:
+        model: the network.
+        names: selected parameter names (as ``model.named_parameters()`` spells them).
+        exclude: parameter names that must not be hooked; the layer owning one is not hooked.
+
+    Returns:
+        The hooked layers, and the selected names outside them, in ``names`` order.
     """
-    chosen = set(names)
+    chosen, banned = set(names), set(exclude)
+    shared = shared_parameters(model)
     layers: list[_Layer] = []
     covered: set[str] = set()
     # MultiheadAttention uses out_proj's weight without calling the module: no hook would fire
     attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     inside_mha = {f"{n}.out_proj" if n else "out_proj" for n in attention}
     for mod_name, module in model.named_modules():
-        if not _supported(module) or mod_name in inside_mha:
+        if mod_name in inside_mha or not _plain(module) or not _supported(module):
+            continue
+        if any(id(p) in shared for p in module._parameters.values() if p is not None):
             continue
         prefix = f"{mod_name}." if mod_name else ""
         weight = f"{prefix}weight"
         bias = f"{prefix}bias" if getattr(module, "bias", None) is not None else None
-        if weight in chosen and (bias is None or bias in chosen):
+        own = {weight} | ({bias} if bias else set())
+        if own <= chosen and not own & banned:
             layers.append(_Layer(mod_name, module, len(layers), weight, bias))
-            covered |= {weight} | ({bias} if bias else set())
+            covered |= own
     return layers, [n for n in names if n not in covered]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of products run in: float32 for half-precision models, else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _positions(
@@ -103,10 +189,14 @@ def _positions(
     """Layer input per position and output (gradient) per position.
 
     Returns ``a`` as ``(B, T, in)`` (for an Embedding: indices ``(B, T)``) and ``out`` as
-    ``(B, T, out)``; a convolution's positions are its unfolded patches.
+    ``(B, T, out)``; a convolution's positions are its unfolded patches, an EmbeddingBag's its
+    members (`tracin._bags`). ``out`` is upcast to float32 for a half-precision model.
     """
     module = layer.module
     b = x.shape[0]
+    out = out.to(_acc(out.dtype))
+    if isinstance(module, nn.EmbeddingBag):
+        return _bags.positions(x, out)
     if isinstance(module, nn.LayerNorm):
         width = int(np.prod(module.normalized_shape))
         return x.reshape(b, -1, width), out.reshape(b, -1, width)
@@ -115,7 +205,7 @@ def _positions(
         return x.reshape(b, c, -1).transpose(1, 2), out.reshape(b, c, -1).transpose(1, 2)
     if isinstance(module, nn.Embedding):
         return x.reshape(b, -1), out.reshape(b, -1, out.shape[-1])
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
         return x.reshape(b, -1, x.shape[-1]), out.reshape(b, -1, out.shape[-1])
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
     return _conv.patches(module, x), _conv.output_positions(module, out)
@@ -127,36 +217,77 @@ def _capture(layers: Sequence[_Layer], batch: int | None = None) -> Iterator[Non
 
     With ``batch``, a call whose input has batch size 1 is broadcast to ``batch`` rows, input and
     output alike (BERT's position embeddings take ``(1, T)`` ids and are added to every example:
-    each example needs its own copy for its own gradient); any other size is an error.
+    each example needs its own copy for its own gradient); any other size is an error. The
+    version counters of input and output are recorded (see `modified_in_place`); a layer marked
+    ``clone`` records a copy of its input and hands the model a copy of its output.
     """
     handles = []
     for layer in layers:
         layer.inputs.clear()
         layer.outputs.clear()
+        layer.versions.clear()
 
         def hook(
-            mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, lay: _Layer = layer
+            mod: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            out: torch.Tensor,
+            lay: _Layer = layer,
         ) -> torch.Tensor:
-            x = args[0].detach()
+            x = _input(mod, args, kwargs)
             if batch is not None and x.shape[0] != batch:
                 if x.shape[0] != 1 or out.shape[0] != 1:
                     raise TaskError(
                         f"layer {lay.name!r} got input of shape {tuple(x.shape)} for a batch of "
-                        f"{batch}: the factored engine needs batch-first inputs; use "
-                        "engine='functional' or leave the layer out of layers=[...]"
+                        f"{batch}: the factored engine needs batch-first inputs (one "
+                        "EmbeddingBag bag per example); use engine='functional' or leave the "
+                        "layer out of layers=[...]"
                     )
                 x = x.expand(batch, *x.shape[1:])
                 out = out.expand(batch, *out.shape[1:]).contiguous()
-            lay.inputs.append(_recorded_input(mod, x))
+            recorded = _recorded_input(mod, x.clone() if lay.clone else x)
+            lay.inputs.append(recorded)
             lay.outputs.append(out)
-            return out
+            lay.versions.append((recorded._version, out._version))
+            return out.clone() if lay.clone else out
 
-        handles.append(layer.module.register_forward_hook(hook))
+        # first among the module's forward hooks: a user hook that replaces the output then
+        # sits downstream of the recorded output, and autograd accounts for it
+        handles.append(layer.module.register_forward_hook(hook, with_kwargs=True, prepend=True))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The call's input (detached), positional or ``input=``; an EmbeddingBag's packed members."""
+    if isinstance(module, nn.EmbeddingBag):
+        return _bags.members(module, args, kwargs)
+    x = args[0] if args else kwargs["input"]
+    assert isinstance(x, torch.Tensor)
+    return x.detach()
+
+
+def modified_in_place(layers: Sequence[_Layer]) -> bool:
+    """Whether the model modified a recorded input or output in place after its layer's call.
+
+    The gradient to an output changed in place (``nn.ReLU(inplace=True)`` after a layer) is the
+    gradient to the changed value, not to the layer's output. Marks such layers ``clone`` (the
+    next pass copies them) and returns True: the caller repeats the pass.
+    """
+    stale = False
+    for layer in layers:
+        if layer.clone:
+            continue
+        for (x_ver, out_ver), x, out in zip(
+            layer.versions, layer.inputs, layer.outputs, strict=True
+        ):
+            if x._version != x_ver or out._version != out_ver:
+                layer.clone = stale = True
+                break
+    return stale
 
 
 def _recorded_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +327,10 @@ def _sqnorm(
 
 
 def _weight_sqnorm(a: torch.Tensor, d: torch.Tensor, embedding: int | None) -> torch.Tensor:
-    """Exact ``||sum_t d_t a_t^T||^2`` per example, in ``d``'s dtype, summed in float64."""
+    """Exact ``||sum_t d_t a_t^T||^2`` per example, in ``d``'s dtype, summed in float64.
+
+    ``d`` (and ``a``) come from `_layer_positions`: float32 or better, so no product overflows.
+    """
     if embedding is not None:  # rows of G are sums of d over equal indices:
         same = (a.unsqueeze(2) == a.unsqueeze(1)).to(d.dtype)  # (B, T, T), no (B, V, dim) tensor
         return (torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2), dtype=torch.float64)
@@ -232,8 +366,9 @@ def _norm_gradients(layer: _Layer, calls: Sequence[_Call]) -> dict[str, torch.Te
 
 
 def _rows(layer: _Layer) -> int | None:
-    """An Embedding's number of rows (its one-hot input width); None for other layers."""
-    return layer.module.num_embeddings if isinstance(layer.module, nn.Embedding) else None
+    """An Embedding's (or EmbeddingBag's) number of rows (its one-hot input width), else None."""
+    module = layer.module
+    return module.num_embeddings if isinstance(module, nn.Embedding | nn.EmbeddingBag) else None
 
 
 def _cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -247,7 +382,7 @@ def _layer_positions(layer: _Layer, calls: Sequence[_Call]) -> tuple[torch.Tenso
     pad = getattr(layer.module, "padding_idx", None)
     if pad is not None:  # the padding row gets no gradient (as in nn.Embedding)
         d = d * (a != pad).unsqueeze(-1).to(d.dtype)
-    if not isinstance(layer.module, nn.Embedding):
+    if _rows(layer) is None:
         a = a.to(d.dtype)
     return a, d
 
@@ -258,7 +393,7 @@ def _conv_gradients(layer: _Layer, calls: Sequence[_Call]) -> dict[str, torch.Te
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
     out = {layer.weight: _conv.weight_gradient(module, calls)}
     if layer.bias is not None:
-        sums = [_conv.output_positions(module, g).sum(1) for _, g in calls]
+        sums = [_conv.output_positions(module, g).to(_acc(g.dtype)).sum(1) for _, g in calls]
         out[layer.bias] = torch.stack(sums).sum(0)
     return out
 
@@ -284,6 +419,8 @@ def _exact(
     if emb is not None:
         return {layer.weight: _embedding_grad(a, d, emb).reshape(b, -1)}
     g = torch.bmm(d.transpose(1, 2), a)  # (B, out, in)
+    if _is_hf_conv1d(layer.module):  # its weight is (in, out)
+        g = g.transpose(1, 2)
     if layer.bias is None:
         return {layer.weight: g.reshape(b, -1)}
     return {layer.weight: g.reshape(b, -1), layer.bias: d.sum(1)}

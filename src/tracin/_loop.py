@@ -1,0 +1,80 @@
+"""Per-example gradients by a plain loop: one forward and one ``autograd.grad`` per example.
+
+For each example x of a batch, g(x) = d f(w, x) / d w for the selected parameters w, flattened
+and concatenated in the model's parameter order, exactly as `tracin._engine.FunctionalEngine`
+returns them. Slow (B backward passes per batch) and always right: it needs nothing of the model
+but a forward pass that autograd can differentiate, so it runs models ``torch.func.vmap`` cannot
+batch (``nn.GRU``/``nn.RNN`` on CPU, ``.item()`` or other data-dependent control flow). It is the
+independent reference of the engine self-check (`tracin._selfcheck`) and the engine ``auto``
+falls back to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from tracin._batch import Batch, batch_size, slice_batch
+from tracin._engine import ScoreFn, functional_model, row_sqnorms
+from tracin._errors import TaskError
+
+__all__ = ["LoopEngine"]
+
+
+class LoopEngine:
+    """Exact per-example gradients, one ``torch.autograd.grad`` call per example.
+
+    Args:
+        model: the network (left unmodified; put in eval mode by the caller).
+        names: parameter names to differentiate (see `select_parameters`), in model order.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.model = model
+        self.names = tuple(names)
+
+    def gradients(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> torch.Tensor:
+        """Per-example gradients of ``score``, shape ``(B, P)``."""
+        return torch.cat(list(self.gradient_dict(weights, score, batch).values()), dim=1)
+
+    def sqnorms(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> torch.Tensor:
+        """Squared per-example gradient norms ``(B,)``, float64."""
+        return sum(
+            (row_sqnorms(g) for g in self.gradient_dict(weights, score, batch).values()),
+            torch.zeros((), dtype=torch.float64),
+        )
+
+    def gradient_dict(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> dict[str, torch.Tensor]:
+        """Per-example gradients ``(B, numel)`` of each selected parameter, in model order.
+
+        Raises:
+            TaskError: ``score`` does not return one value for a batch of one example.
+        """
+        chosen = set(self.names)
+        params = {
+            n: w.detach().requires_grad_(n in chosen) if w.is_floating_point() else w
+            for n, w in weights.items()
+        }
+        model = functional_model(self.model, params)
+        wrt = [params[n] for n in self.names]
+        rows: list[list[torch.Tensor]] = [[] for _ in self.names]
+        with torch.enable_grad():
+            for i in range(batch_size(batch)):
+                out = score(model, slice_batch(batch, i, i + 1))
+                if out.shape != (1,):
+                    raise TaskError(
+                        f"score returned shape {tuple(out.shape)} for a batch of one example; "
+                        "expected (1,): return one unreduced value per example"
+                    )
+                grads = torch.autograd.grad(out[0], wrt, allow_unused=True)
+                for j, (g, p) in enumerate(zip(grads, wrt, strict=True)):
+                    rows[j].append((torch.zeros_like(p) if g is None else g).reshape(-1))
+        return {n: torch.stack(r) for n, r in zip(self.names, rows, strict=True)}
