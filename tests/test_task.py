@@ -39,12 +39,13 @@ def test_labels_and_inputs_by_key_and_index(model, batch):
 
 
 def test_prediction_scores(model, batch):
+    # the score is the followed logit negated: a positive influence means the step raised it
     x, _ = batch
     logits = model(x)
     predicted = tracin.ClassificationTask(query="prediction").query_score(model, x)
-    torch.testing.assert_close(predicted, logits.max(1).values)
+    torch.testing.assert_close(predicted, -logits.max(1).values)
     chosen = tracin.ClassificationTask(query="prediction", query_class=2).query_score(model, (x,))
-    torch.testing.assert_close(chosen, logits[:, 2])
+    torch.testing.assert_close(chosen, -logits[:, 2])
 
 
 def test_binary_logits(batch):
@@ -64,7 +65,7 @@ def test_regression_multi_output(batch):
     loss = tracin.RegressionTask().train_loss(model, (x, y))
     torch.testing.assert_close(loss, (model(x) ** 2).sum(1))
     pred = tracin.RegressionTask(query="prediction").query_score(model, x)
-    torch.testing.assert_close(pred, model(x).sum(1))
+    torch.testing.assert_close(pred, -model(x).sum(1))
 
 
 def test_bad_configurations_are_errors():

@@ -20,7 +20,15 @@ from typing import Any
 
 from tracin._api import featurize, open
 from tracin._checkpoints import Checkpoint, Checkpoints
-from tracin._errors import CheckpointError, ConfigError, DataError, TaskError, TracInError
+from tracin._errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EngineError,
+    TaskError,
+    TracInError,
+    TracInWarning,
+)
 from tracin._ideal import TracInIdeal
 from tracin._index import ExactIndex, FaissIndex, NeighborIndex
 from tracin._index import neighbors as index_neighbors
@@ -28,7 +36,13 @@ from tracin._recorder import CheckpointRecorder, log_spaced_steps
 from tracin._run import Run
 from tracin._scoring import Neighbors
 from tracin._store import StoreError
-from tracin._task import ClassificationTask, RegressionTask, Task, check_task
+from tracin._task import (
+    ClassificationTask,
+    MultiLabelClassificationTask,
+    RegressionTask,
+    Task,
+    check_task,
+)
 
 __version__ = "0.1.0"
 
@@ -54,8 +68,10 @@ __all__ = [
     "ClassificationTask",
     "ConfigError",
     "DataError",
+    "EngineError",
     "ExactIndex",
     "FaissIndex",
+    "MultiLabelClassificationTask",
     "NeighborIndex",
     "Neighbors",
     "RegressionTask",
@@ -65,6 +81,7 @@ __all__ = [
     "TaskError",
     "TracInError",
     "TracInIdeal",
+    "TracInWarning",
     "__version__",
     "check_task",
     "featurize",

@@ -8,11 +8,21 @@ example in that order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from tracin._errors import DataError, TaskError
 
@@ -22,6 +32,7 @@ __all__ = [
     "MIN_ROWS",
     "Key",
     "batch_size",
+    "describe",
     "iter_batches",
     "map_tensors",
     "pad_rows",
@@ -103,13 +114,25 @@ def pad_rows(batch: Batch, rows: int = MIN_ROWS) -> tuple[Batch, int]:
     return map_tensors(lambda t: torch.cat([t, t[-1:].expand(rows - n, *t.shape[1:])]), batch), n
 
 
-def select(batch: Batch, key: Key, what: str) -> Any:
+def describe(batch: Batch) -> str:
+    """A batch's items for error messages, e.g. ``(Tensor(6, 3) float64, Tensor(6,) int64)``."""
+    if isinstance(batch, torch.Tensor):
+        return f"Tensor{tuple(batch.shape)} {str(batch.dtype).removeprefix('torch.')}"
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, tuple | list):
+        return "(" + ", ".join(describe(v) for v in batch) + ")"
+    return type(batch).__name__
+
+
+def select(batch: Batch, key: Key, what: str, place: str = "batch") -> Any:
     """``batch[key]``, with an error that names the key and the batch's keys.
 
     Args:
         batch: a tuple/list (``key`` an int) or a dict (``key`` a str).
         key: where the item sits.
         what: the item's role, e.g. ``"labels"``, for the error message.
+        place: what ``batch`` is, for the error message (``"batch"``, ``"model output"``).
 
     Raises:
         TaskError: the key is not in the batch.
@@ -118,32 +141,76 @@ def select(batch: Batch, key: Key, what: str) -> Any:
         if isinstance(key, str) and key in batch:
             return batch[key]
         raise TaskError(
-            f"{what} key {key!r} not in the batch's keys {sorted(map(str, batch))}; "
+            f"{what} key {key!r} not in the {place}'s keys {sorted(map(str, batch))}; "
             f"pass {what}=<key> to the task"
         )
     if isinstance(batch, tuple | list):
         if isinstance(key, int) and -len(batch) <= key < len(batch):
             return batch[key]
         raise TaskError(
-            f"{what} index {key!r} does not fit a batch of {len(batch)} items; "
-            f"pass {what}=<index> to the task"
+            f"{what} index {key!r} does not fit the {place} of {len(batch)} items "
+            f"{describe(batch)}; pass {what}=<index> to the task (0..{len(batch) - 1})"
         )
     raise TaskError(
-        f"cannot take {what} {key!r} from a batch of type {type(batch).__name__}; "
-        "a task with labels needs tuple or dict batches"
+        f"cannot take {what} {key!r} from a {place} of type {type(batch).__name__}; "
+        f"{what}=... picks an item of a tuple or dict"
     )
+
+
+_RANDOM = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+_ORDER_FIX = (
+    "results name rows by their position in the dataset, so rows must come in dataset order: "
+    "pass the Dataset itself (tracin batches it in order), or a DataLoader with shuffle=False "
+    "and no sampler/batch_sampler (a SequentialSampler; keep your collate_fn)"
+)
+
+
+def _first_out_of_order(indices: Iterable[Any], n: int | None) -> str | None:
+    """Where ``indices`` stop being 0, 1, ..., n - 1 (``None`` if they never do)."""
+    count = 0
+    for count, index in enumerate(indices, start=1):
+        if index != count - 1:
+            return f"position {count - 1} holds row {index!r}"
+    if n is not None and count != n:
+        return f"it yields {count} rows of the dataset's {n}"
+    return None
+
+
+def _check_order(loader: DataLoader[Any]) -> None:
+    """Refuse a DataLoader whose sampler or batch_sampler does not yield rows 0..N-1 in order.
+
+    Raises:
+        DataError: naming the sampler, the first row out of place, and the fix.
+    """
+    if isinstance(loader.dataset, IterableDataset):
+        return  # no sampler: the dataset's own order
+    try:
+        n: int | None = len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    batches = loader.batch_sampler
+    plain = batches is None or type(batches) is BatchSampler
+    sampler = loader.sampler if batches is None else getattr(batches, "sampler", None)
+    if plain and isinstance(sampler, SequentialSampler):
+        return
+    what = f"sampler {type(sampler).__name__}"
+    if not plain:
+        what = f"batch_sampler {type(batches).__name__}"
+    elif isinstance(sampler, _RANDOM):
+        raise DataError(f"the DataLoader's {what} shuffles the rows; {_ORDER_FIX}")
+    if plain:
+        where = _first_out_of_order(iter(sampler), n)  # type: ignore[arg-type]
+    else:
+        where = _first_out_of_order((i for b in batches for i in b), n)  # type: ignore[union-attr]
+    if where is not None:
+        raise DataError(
+            f"the DataLoader's {what} does not yield rows in order ({where}); {_ORDER_FIX}"
+        )
 
 
 def _loader(data: Data, batch_size: int) -> DataLoader[Any]:
     if isinstance(data, DataLoader):
-        sampler = data.sampler
-        if isinstance(sampler, RandomSampler) or not isinstance(
-            sampler, SequentialSampler | type(None)
-        ):
-            raise DataError(
-                f"the DataLoader's sampler is {type(sampler).__name__}; rows must come in a fixed "
-                "order so scores can name examples: use shuffle=False (or pass the Dataset)"
-            )
+        _check_order(data)
         return data
     if isinstance(data, Dataset):
         return DataLoader(data, batch_size=batch_size, shuffle=False)

@@ -32,7 +32,7 @@ from torch import nn
 from tracin._batch import Batch, batch_size, map_tensors, slice_batch
 from tracin._engine import FunctionalEngine, functional_model
 from tracin._errors import ConfigError, DataError
-from tracin._params import eval_mode, select_parameters
+from tracin._params import eval_mode, select_parameters, unwrap_model
 from tracin._task import Task, check_task
 
 __all__ = ["TracInIdeal"]
@@ -91,6 +91,7 @@ class TracInIdeal:
         query_batch_size: int = 64,
     ) -> None:
         _check_args(model, task, n_train, loss_reduction, query_batch_size)
+        model = unwrap_model(model)  # DataParallel/DDP/torch.compile share the inner parameters
         self.model = model
         self.task = task
         self.loss_reduction = loss_reduction

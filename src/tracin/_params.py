@@ -15,7 +15,7 @@ from torch import nn
 
 from tracin._errors import CheckpointError, ConfigError
 
-__all__ = ["eval_mode", "fit_state", "select_parameters"]
+__all__ = ["eval_mode", "fit_state", "select_parameters", "unwrap_model"]
 
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -55,13 +55,34 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | None) -> list[st
     return chosen
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``nn.DataParallel``, ``DistributedDataParallel`` and ``torch.compile``.
+
+    Wrappers nest in any order (``torch.compile(DDP(model))``); each is removed. Anything else,
+    a non-module included, comes back as it is.
+    """
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(model, parallel):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def _strip_prefix(
     state: Mapping[str, torch.Tensor], model_keys: set[str]
 ) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes shared by every key, in any nesting (``_orig_mod.module.``)."""
     out = dict(state)
-    for prefix in _PREFIXES:
-        if out and all(k.startswith(prefix) for k in out) and not (set(out) & model_keys):
-            out = {k[len(prefix) :]: v for k, v in out.items()}
+    stripped = True
+    while stripped and out and not (set(out) & model_keys):
+        stripped = False
+        for prefix in _PREFIXES:
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                stripped = True
     return out
 
 
