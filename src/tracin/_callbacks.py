@@ -5,7 +5,9 @@ Both callbacks write the `CheckpointRecorder` format (``step_<n>.pt`` holding
 atomic `save_checkpoint`, at the steps chosen with ``steps=[...]`` (e.g. `log_spaced_steps`) or
 ``every=N``. They save after the optimiser's and the scheduler's step, so the recorded lr is the
 one in force for the updates that follow the checkpoint, as TracInCP needs; ``.checkpoints()``
-reads them back with no hand-written list of learning rates.
+reads them back with no hand-written list of learning rates. When the optimiser's parameter groups
+have different lrs (layer-wise decay), each group's lr is saved with its parameter names and
+scoring weights each group by its own lr (see `tracin._recorder.recorded_lr`).
 
 ``transformers`` and ``lightning`` are optional: the classes are built on first use, and a
 missing package is a `ConfigError` naming the extra to install. ``import tracin`` imports neither.

@@ -1,7 +1,9 @@
 """Checkpoints as explicit values: where the weights are, the training step, and the lr.
 
 TracInCP weights checkpoint c by eta_c, the learning rate in force after it was saved. Every
-`Checkpoint` carries its lr explicitly; a missing lr is an error, never a silent 1.0. Loading the
+`Checkpoint` carries its lr explicitly; a missing lr is an error, never a silent 1.0. With several
+parameter groups it also carries each group's lr (see `tracin._lrs` for the maths and every form
+``lr=`` accepts). Loading the
 weights (`Checkpoint.state_dict`) is separate from the lr lookup, and always uses
 ``torch.load(weights_only=True)`` unless the caller opts in to arbitrary unpickling.
 """
@@ -9,7 +11,7 @@ weights (`Checkpoint.state_dict`) is separate from the lr lookup, and always use
 from __future__ import annotations
 
 import hashlib
-import math
+import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,19 +20,28 @@ from typing import Any, TypeAlias, overload
 
 import torch
 
+from tracin._ckpt_inputs import (
+    as_states,
+    as_step,
+    check_file,
+    check_state,
+    expand_paths,
+    is_int,
+    steps_per_checkpoint,
+)
 from tracin._errors import CheckpointError, ConfigError
+from tracin._lrs import GroupLrs, is_number, parameter_lrs, parse_lr, per_checkpoint
 
 __all__ = ["Checkpoint", "Checkpoints", "LrSpec", "StepSpec"]
 
-LrSpec: TypeAlias = "Sequence[float] | Callable[[int], float] | str"
+LrSpec: TypeAlias = "float | Sequence[Any] | Mapping[str, float] | Callable[[int], Any] | str"
 StepSpec: TypeAlias = "Sequence[int] | str | None"
 StateDict: TypeAlias = "dict[str, torch.Tensor]"
 _STATE_KEYS = ("model_state_dict", "state_dict", "model")
 
 
 def _load_file(path: Path, allow_pickle: bool) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
+    check_file(path)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
@@ -100,10 +111,21 @@ class Checkpoint:
     Attributes:
         id: a short unique name ("ckpt_0", or the file stem).
         step: the training step (or epoch) at which it was saved; checkpoints sort by it.
-        lr: the learning rate in force after this checkpoint, eta_c; finite and > 0.
-        path: the file, or ``None`` for an in-memory state dict.
+        lr: the learning rate in force after this checkpoint, eta_c; finite and >= 0 (a
+            checkpoint with lr 0 contributes nothing). With ``group_lrs``, the reference lr
+            that scoring applies; it must be > 0 unless every group lr is 0, and scores do not
+            depend on it (`Checkpoints.from_paths` uses the largest group lr).
+        path: the file (a ``str`` is converted), or ``None`` for an in-memory state dict.
         state_key: where the state dict sits inside the file (``None``: detect the common layouts).
         allow_pickle: load with ``weights_only=False`` (only for files you trust).
+        state: the in-memory state dict (or a dict holding one), or ``None`` for a file.
+        group_lrs: per parameter group lrs, ordered ``(name or glob pattern, lr)`` pairs (a
+            mapping is converted); empty: ``lr`` for every parameter. Parameter p's gradient is
+            scaled by ``sqrt(lr_{g(p)} / lr)`` (torch.func engine only; see `tracin._lrs`).
+
+    Raises:
+        ConfigError: neither or both of ``path`` and ``state``, or a value of the wrong type.
+        CheckpointError: an lr that is negative or not finite.
     """
 
     id: str
@@ -113,11 +135,42 @@ class Checkpoint:
     state_key: str | None = None
     allow_pickle: bool = False
     state: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    group_lrs: GroupLrs = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ConfigError(f"checkpoint id {self.id!r} must be a non-empty string")
+        if isinstance(self.path, str | os.PathLike) and not isinstance(self.path, Path):
+            object.__setattr__(self, "path", Path(self.path))
         if (self.path is None) == (self.state is None):
             raise ConfigError(f"checkpoint {self.id!r} needs exactly one of path or state")
-        _check_lr(self.lr, self.id)
+        if self.path is not None and not isinstance(self.path, Path):
+            raise ConfigError(
+                f"checkpoint {self.id!r}: path={self.path!r} ({type(self.path).__name__}) must "
+                "be a str or pathlib.Path; for an in-memory state dict pass state=..."
+            )
+        if self.state is not None:
+            check_state(self.state, repr(self.id))
+        object.__setattr__(self, "step", as_step(self.step, repr(self.id)))
+        if not is_number(self.lr):
+            raise CheckpointError(
+                f"learning rate of checkpoint {self.id!r} is {self.lr!r}; it must be a number "
+                ">= 0 (per-group lrs go in group_lrs={'encoder.*': 1e-4, ...})"
+            )
+        lr, _ = parse_lr(self.lr, repr(self.id))
+        object.__setattr__(self, "lr", lr)
+        if not self.group_lrs:
+            return
+        groups = self.group_lrs
+        if not isinstance(groups, Mapping):
+            groups = [{"params": [k], "lr": v} for k, v in groups]  # type: ignore[assignment]
+        ref, pairs = parse_lr(groups, repr(self.id))
+        object.__setattr__(self, "group_lrs", pairs)
+        if lr == 0 and ref > 0:
+            raise CheckpointError(
+                f"checkpoint {self.id!r} has group lrs up to {ref} but lr=0; pass the largest "
+                f"group lr, lr={ref}, as the reference"
+            )
 
     def payload(self) -> Any:
         """The raw object saved in the checkpoint (loaded from disk for a path)."""
@@ -129,6 +182,7 @@ class Checkpoint:
         """sha256 of the checkpoint file's bytes, or of the in-memory tensors."""
         digest = hashlib.sha256()
         if self.path is not None:
+            check_file(self.path)
             with self.path.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 24), b""):
                     digest.update(chunk)
@@ -143,22 +197,22 @@ class Checkpoint:
         """The model's state dict (parameters and buffers) stored in this checkpoint."""
         return _extract_state(self.payload(), self.state_key, repr(self.id))
 
+    def parameter_lrs(self, names: Sequence[str]) -> dict[str, float]:
+        """The lr of each parameter in ``names``: its group's lr, or ``lr`` without groups.
 
-def _check_lr(lr: Any, where: str) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, int | float):
-        raise CheckpointError(
-            f"learning rate of checkpoint {where} is {lr!r}; it must be a number > 0"
-        )
-    if not math.isfinite(lr) or lr <= 0:
-        raise CheckpointError(
-            f"learning rate of checkpoint {where} is {lr}; it must be finite and > 0 "
-            "(TracInCP weights each checkpoint by the lr in force after it)"
-        )
+        Raises:
+            CheckpointError: a parameter in no group, naming it and the fix.
+        """
+        if not self.group_lrs:
+            return dict.fromkeys(names, self.lr)
+        return parameter_lrs(self.group_lrs, names, repr(self.id))
+
+    def largest_lr(self) -> float:
+        """The largest lr any parameter has at this checkpoint."""
+        return max((lr for _, lr in self.group_lrs), default=self.lr)
 
 
-def _resolve(
-    spec: LrSpec | StepSpec, i: int, step: int | None, payload: Any, where: str, what: str
-) -> Any:
+def _resolve(spec: Any, i: int, step: int | None, payload: Any, where: str, what: str) -> Any:
     if isinstance(spec, str):
         try:
             value = _lookup(payload, spec)
@@ -167,7 +221,7 @@ def _resolve(
                 f"checkpoint {where} has no {what} under key {spec!r}; give {what}=[...] "
                 f"explicitly{' or as a function of the step' if what == 'lr' else ''}"
             ) from None
-        return value.item() if isinstance(value, torch.Tensor) else value
+        return value
     if callable(spec):
         assert step is not None
         return spec(step)
@@ -177,50 +231,45 @@ def _resolve(
 
 def _build(
     sources: Sequence[Path | Mapping[str, Any]],
-    lr: LrSpec | None,
-    steps: StepSpec,
+    lr: Any,
+    steps: Any,
     ids: Sequence[str],
     state_key: str | None,
     allow_pickle: bool,
 ) -> list[Checkpoint]:
-    if lr is None:
-        raise CheckpointError(
-            "no learning rate given: pass lr=[...] (one per checkpoint), lr=callable(step) "
-            "(a schedule), or lr='<key>' to read it from each checkpoint file"
-        )
-    for spec, what in ((lr, "lr"), (steps, "steps")):
-        if isinstance(spec, Sequence) and not isinstance(spec, str) and len(spec) != len(sources):
-            raise ConfigError(
-                f"{what} has {len(spec)} entries for {len(sources)} checkpoints; give one each"
-            )
+    rates = per_checkpoint(lr, len(sources))
+    steps = steps_per_checkpoint(steps, len(sources))
     out = []
     for i, src in enumerate(sources):
         path = src if isinstance(src, Path) else None
         state = None if isinstance(src, Path) else src
-        needs_file = isinstance(lr, str) or isinstance(steps, str) or steps is None
+        needs_file = isinstance(rates, str) or isinstance(steps, str) or steps is None
         payload = _load_file(src, allow_pickle) if isinstance(src, Path) and needs_file else src
         where = repr(str(path) if path is not None else ids[i])
         if steps is None:
-            has = isinstance(payload, Mapping) and isinstance(payload.get("step"), int)
+            has = isinstance(payload, Mapping) and is_int(payload.get("step"))
             step = _resolve("step", i, None, payload, where, "steps") if has else i
         else:
             step = _resolve(steps, i, None, payload, where, "steps")
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise CheckpointError(f"step of checkpoint {where} is {step!r}; it must be an int")
-        rate = _resolve(lr, i, step, payload, where, "lr")
-        _check_lr(rate, where)
+        step = as_step(step, where)
+        ref, groups = parse_lr(_resolve(rates, i, step, payload, where, "lr"), where)
         out.append(
             Checkpoint(
                 id=ids[i],
                 step=step,
-                lr=float(rate),
+                lr=ref,
                 path=path,
                 state_key=state_key,
                 allow_pickle=allow_pickle,
                 state=state,
+                group_lrs=groups,
             )
         )
     return out
+
+
+def _lr_text(c: Checkpoint) -> str:
+    return f"{c.lr:g}, {len(c.group_lrs)} group lrs" if c.group_lrs else f"{c.lr:g}"
 
 
 class Checkpoints(Sequence[Checkpoint]):
@@ -230,6 +279,13 @@ class Checkpoints(Sequence[Checkpoint]):
     """
 
     def __init__(self, items: Iterable[Checkpoint]) -> None:
+        items = list(items)
+        wrong = [type(c).__name__ for c in items if not isinstance(c, Checkpoint)]
+        if wrong:
+            raise ConfigError(
+                f"Checkpoints(...) takes Checkpoint values, got a {wrong[0]}; build from files "
+                "with Checkpoints.from_paths or from state dicts with Checkpoints.from_state_dicts"
+            )
         items = sorted(items, key=lambda c: c.step)
         if not items:
             raise ConfigError("no checkpoints given; TracInCP needs at least one")
@@ -239,12 +295,17 @@ class Checkpoints(Sequence[Checkpoint]):
         steps = [c.step for c in items]
         if len(set(steps)) != len(steps):
             raise ConfigError(f"checkpoint steps must be unique, got {steps}; pass steps=[...]")
+        if all(c.largest_lr() == 0 for c in items):
+            raise ConfigError(
+                f"every checkpoint has lr 0 ({ids}), so every score would be 0; give the "
+                "learning rates in force after each checkpoint"
+            )
         self._items = tuple(items)
 
     @classmethod
     def from_paths(
         cls,
-        paths: Sequence[str | Path],
+        paths: Sequence[str | Path] | str | Path,
         lr: LrSpec | None = None,
         *,
         steps: StepSpec = None,
@@ -254,18 +315,33 @@ class Checkpoints(Sequence[Checkpoint]):
         """Checkpoints saved as files.
 
         Args:
-            paths: checkpoint files; each a bare state dict or a dict holding it under
-                ``model_state_dict``, ``state_dict`` or ``model`` (or ``state_key``).
-            lr: one lr per path, a function of the step (a schedule), or a key (dotted for
-                nesting, e.g. ``"optimizer.param_groups.0.lr"``) to read from each file. Required.
-            steps: one step per path, a key to read, or ``None``: the file's ``"step"`` entry when
+            paths: checkpoint files (a list, tuple or any iterable of ``str``/``Path``); or one
+                file; or a directory (its ``.pt``/``.pth``/``.ckpt``/``.bin`` files); or a glob
+                pattern (``"runs/step_*.pt"``). Directories and patterns list files in natural
+                order (``step_9`` before ``step_10``). Each file is a bare state dict or a dict
+                holding it under ``model_state_dict``, ``state_dict`` or ``model`` (or
+                ``state_key``).
+            lr: required. One number for every checkpoint (``lr=0.01``); one value per path (a
+                list, tuple, 1-d array or tensor); a function of the step (a schedule); or a key
+                (dotted for nesting, e.g. ``"optimizer.param_groups.0.lr"``) to read from each
+                file: ``lr="lr"`` reads what `CheckpointRecorder` saved, including each
+                parameter group's lr. A per-checkpoint value may give per-group lrs as a mapping
+                ``{name or glob pattern: lr}`` (an exact name first, else the first matching
+                pattern), e.g. ``lr=[{"encoder.*": 1e-4, "head.*": 1e-3}, ...]``, or one such
+                mapping for every checkpoint; each checkpoint's ``lr`` is then its largest group
+                lr, and gradients are scaled per group (torch.func engine only). Every lr is
+                finite and >= 0; an lr of 0 contributes nothing.
+            steps: one int per path, a key to read, or ``None``: the file's ``"step"`` entry when
                 it has one, else the position in ``paths``.
             state_key: where the state dict sits, when not in a common layout.
             allow_pickle: permit arbitrary objects (``weights_only=False``); only for trusted files.
+
+        Raises:
+            ConfigError: ``paths``, ``lr`` or ``steps`` of the wrong type or length.
+            CheckpointError: a missing or unreadable file, a directory in the list, no lr under
+                the key, or an lr that is negative or not finite.
         """
-        if isinstance(paths, str | Path):
-            raise ConfigError("paths must be a list of files, not a single path")
-        resolved = [Path(p) for p in paths]
+        resolved = expand_paths(paths)
         ids = [p.stem for p in resolved]
         if len(set(ids)) != len(ids):
             ids = [f"ckpt_{i}" for i in range(len(resolved))]
@@ -274,15 +350,27 @@ class Checkpoints(Sequence[Checkpoint]):
     @classmethod
     def from_state_dicts(
         cls,
-        states: Sequence[Mapping[str, Any]],
+        states: Sequence[Mapping[str, Any]] | Mapping[str, Any],
         lr: LrSpec | None = None,
         *,
         steps: StepSpec = None,
         state_key: str | None = None,
     ) -> Checkpoints:
-        """Checkpoints held in memory (state dicts, or dicts holding one), as `from_paths`."""
-        ids = [f"ckpt_{i}" for i in range(len(states))]
-        return cls(_build(list(states), lr, steps, ids, state_key, False))
+        """Checkpoints held in memory, with ``lr`` and ``steps`` as in `from_paths`.
+
+        Args:
+            states: state dicts (or dicts holding one, as in `from_paths`), a list or any
+                iterable; a single bare state dict is one checkpoint.
+            lr: as in `from_paths`.
+            steps: as in `from_paths`.
+            state_key: as in `from_paths`.
+
+        Raises:
+            ConfigError: ``states`` is not a list of dicts (a module, a path, a dict of dicts).
+        """
+        items = as_states(states)
+        ids = [f"ckpt_{i}" for i in range(len(items))]
+        return cls(_build(items, lr, steps, ids, state_key, False))
 
     @property
     def lrs(self) -> tuple[float, ...]:
@@ -305,5 +393,9 @@ class Checkpoints(Sequence[Checkpoint]):
         return iter(self._items)
 
     def __repr__(self) -> str:
-        body = ", ".join(f"{c.id}(step={c.step}, lr={c.lr:g})" for c in self._items)
+        groups = [f", {len(c.group_lrs)} group lrs" if c.group_lrs else "" for c in self._items]
+        body = ", ".join(
+            f"{c.id}(step={c.step}, lr={c.lr:g}{g})"
+            for c, g in zip(self._items, groups, strict=True)
+        )
         return f"Checkpoints([{body}])"

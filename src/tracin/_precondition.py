@@ -17,6 +17,13 @@ gradient and normalises; the inner product here is the same, written symmetrical
 The elementwise scale does not factor through a layer's ``a (x) d`` structure, so this needs
 the torch.func engine (no ``engine='factored'``, no Kronecker or last-layer projection).
 
+Per-group learning rates use the same mechanism (see `tracin._lrs`): with reference lr ``lr_c``
+(the checkpoint's ``lr``, applied by scoring), parameter p's gradient is further scaled by
+``sqrt(lr_{c,g(p)} / lr_c)``, so ``lr_c <s g, s g'> = sum_g lr_{c,g} <g_g, g'_g>`` (times Adam's
+``Gamma_c`` when preconditioning too). `needs_group_scaling` says when an engine must do this,
+`check_scaling` refuses the engines that cannot, and `PreconditionedFeatures` with
+``precondition=None`` applies only the group scales.
+
 Adam's state is indexed by parameter position in the optimiser. The recorders and callbacks save
 the names in that order (``optimizer_param_names``); without them, the optimiser is assumed to
 have been built as ``Adam(model.parameters())``, and every size is checked.
@@ -24,7 +31,8 @@ have been built as ``Adam(model.parameters())``, and every size is checked.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +43,15 @@ from tracin._checkpoints import Checkpoint
 from tracin._engine import FunctionalEngine, ScoreFn
 from tracin._errors import CheckpointError, ConfigError
 
-__all__ = ["PRECONDITIONERS", "PreconditionedFeatures", "adam_scales", "check_precondition"]
+__all__ = [
+    "PRECONDITIONERS",
+    "PreconditionedFeatures",
+    "adam_scales",
+    "check_precondition",
+    "check_scaling",
+    "group_scales",
+    "needs_group_scaling",
+]
 
 PRECONDITIONERS = ("adam",)
 _FIX = (
@@ -58,6 +74,35 @@ def check_precondition(value: Any, engine: str, projection: str) -> None:
             f"a (x) d form cannot (engine={engine!r}, projection={projection!r}): use "
             "engine='functional' or 'auto' with projection=None, 'gaussian' or 'rademacher'"
         )
+
+
+def needs_group_scaling(checkpoints: Iterable[Checkpoint]) -> bool:
+    """Whether any checkpoint has per-group lrs, so features need `PreconditionedFeatures`."""
+    return any(c.group_lrs for c in checkpoints)
+
+
+def check_scaling(precondition: Any, group_lrs: bool, engine: str, projection: str) -> None:
+    """`check_precondition`, and refuse per-group lrs with the factored engine/projections."""
+    check_precondition(precondition, engine, projection)
+    if group_lrs and (engine == "factored" or projection in ("kronecker", "last_layer")):
+        raise ConfigError(
+            "the checkpoints have per-group learning rates, which scale each parameter's "
+            f"gradient in the torch.func engine only (engine={engine!r}, "
+            f"projection={projection!r}): use engine='functional' or 'auto' with "
+            "projection=None, 'gaussian' or 'rademacher'"
+        )
+
+
+def group_scales(checkpoint: Checkpoint, names: Sequence[str]) -> dict[str, float]:
+    """``sqrt(lr_{g(p)} / lr)`` per parameter p in ``names`` at ``checkpoint`` (1 without groups).
+
+    Raises:
+        CheckpointError: a parameter in none of the checkpoint's groups.
+    """
+    lrs = checkpoint.parameter_lrs(names)
+    if checkpoint.lr == 0:  # every group lr is 0: the checkpoint contributes nothing
+        return dict.fromkeys(names, 0.0)
+    return {n: math.sqrt(lr / checkpoint.lr) for n, lr in lrs.items()}
 
 
 def _optimizer_state(checkpoint: Checkpoint) -> tuple[Mapping[str, Any], list[str] | None]:
@@ -129,26 +174,41 @@ def adam_scales(
 
 
 class _ScaledWeights(dict[str, torch.Tensor]):
-    """A checkpoint's weights, carrying the flat gradient scale of that checkpoint."""
+    """A checkpoint's weights, carrying the flat gradient scale of that checkpoint (or None)."""
 
-    scale: torch.Tensor
+    scale: torch.Tensor | None
 
 
 class PreconditionedFeatures:
-    """torch.func gradients scaled by a checkpoint's Adam preconditioner, then projected.
+    """torch.func gradients scaled per entry at each checkpoint, then projected.
 
-    `bind_checkpoint` attaches the scale to the checkpoint's weights (the feature source calls
-    it when it loads a checkpoint); `features` and `sqnorms` read it from there.
+    The scale is Adam's ``s_c`` (``precondition="adam"``) times the per-group lr factors
+    ``sqrt(lr_{c,g} / lr_c)`` of checkpoints with group lrs; ``precondition=None`` applies only
+    the latter. `bind_checkpoint` attaches the scale to the checkpoint's weights (the feature
+    source calls it when it loads a checkpoint); `features` and `sqnorms` read it from there.
+
+    Args:
+        model: the network.
+        names: selected parameter names, in model order.
+        projector: the `Projector` applied to the scaled gradients.
+        n_params: total size of the selected parameters.
+        precondition: ``"adam"`` or ``None``.
     """
 
     def __init__(
-        self, model: nn.Module, names: Sequence[str], projector: Any, n_params: int
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        projector: Any,
+        n_params: int,
+        precondition: str | None = "adam",
     ) -> None:
         self.model = model
         self.names = tuple(names)
         self.engine = FunctionalEngine(model, names)
         self.projector = projector
         self.n_params = n_params
+        self.precondition = precondition
 
     def dim(self) -> int:
         """Feature dimension."""
@@ -157,10 +217,20 @@ class PreconditionedFeatures:
     def bind_checkpoint(
         self, weights: Mapping[str, torch.Tensor], checkpoint: Checkpoint
     ) -> _ScaledWeights:
-        """``weights`` with ``checkpoint``'s flat scale ``(P,)`` attached."""
-        scales = adam_scales(checkpoint, self.model, self.names)
+        """``weights`` with ``checkpoint``'s flat scale ``(P,)`` attached (``None``: no scale)."""
         bound = _ScaledWeights(weights)
-        bound.scale = torch.cat([scales[n].flatten() for n in self.names])
+        bound.scale = None
+        params = dict(self.model.named_parameters())
+        if self.precondition is not None:
+            scales = adam_scales(checkpoint, self.model, self.names)
+        else:
+            scales = {n: torch.ones((), dtype=torch.float64) for n in self.names}
+        if checkpoint.group_lrs:
+            factors = group_scales(checkpoint, self.names)
+            scales = {n: scales[n] * factors[n] for n in self.names}
+        elif self.precondition is None:
+            return bound
+        bound.scale = torch.cat([scales[n].expand(params[n].shape).flatten() for n in self.names])
         return bound
 
     def _scaled(
@@ -169,6 +239,8 @@ class PreconditionedFeatures:
         if not isinstance(weights, _ScaledWeights):
             raise ConfigError("preconditioned features need weights from bind_checkpoint")
         g = self.engine.gradients(weights, score, batch)
+        if weights.scale is None:
+            return g
         return g * weights.scale.to(device=g.device, dtype=g.dtype)
 
     def features(

@@ -4,6 +4,10 @@ Call `CheckpointRecorder.step` after ``optimizer.step()`` (and after ``scheduler
 the saved lr is the one in force for the updates that follow the checkpoint, as TracInCP needs.
 `CheckpointRecorder.checkpoints` then gives `Checkpoints` with the right learning rates and no
 hand-written list.
+
+An optimiser whose parameter groups have different lrs (layer-wise lr decay) is recorded group by
+group: ``"lr"`` then holds ``[{"params": [parameter names], "lr": x}, ...]`` instead of one
+number, and reading it back (``lr="lr"``) weights each group by its own lr (see `tracin._lrs`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = [
     "current_lr",
     "log_spaced_steps",
     "optimizer_parameter_names",
+    "recorded_lr",
     "save_checkpoint",
     "wants_step",
 ]
@@ -50,10 +55,27 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     lrs = sorted({float(g["lr"]) for g in optimizer.param_groups})
     if len(lrs) != 1:
         raise ConfigError(
-            f"the optimiser's parameter groups have different learning rates {lrs}; "
-            "TracInCP weights each checkpoint by one lr: record them yourself and pass lr=[...]"
+            f"the optimiser's parameter groups have different learning rates {lrs}; use "
+            "recorded_lr(model, optimizer), which gives each group's lr with its parameter names "
+            "(what CheckpointRecorder saves)"
         )
     return lrs[0]
+
+
+def recorded_lr(model: nn.Module, optimizer: torch.optim.Optimizer) -> float | list[dict[str, Any]]:
+    """The optimiser's lr as saved in a checkpoint's ``"lr"`` entry.
+
+    One number when every parameter group has the same lr; otherwise one entry per group,
+    ``{"params": [parameter names], "lr": x}`` (parameters not in ``model`` are left out), which
+    `Checkpoints.from_paths` (``lr="lr"``) reads as per-group learning rates.
+    """
+    if len({float(g["lr"]) for g in optimizer.param_groups}) <= 1:
+        return current_lr(optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [
+        {"params": [names[id(p)] for p in g["params"] if id(p) in names], "lr": float(g["lr"])}
+        for g in optimizer.param_groups
+    ]
 
 
 def optimizer_parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -78,13 +100,14 @@ def save_checkpoint(
 
     The payload is ``{"model_state_dict", "step", "lr"}`` with the optimiser's current lr (call
     this after ``optimizer.step()`` and the scheduler's step, so it is the lr in force for the
-    updates after the checkpoint), plus ``"optimizer_state_dict"`` and
+    updates after the checkpoint; each group's lr with its parameter names when the groups'
+    lrs differ, see `recorded_lr`), plus ``"optimizer_state_dict"`` and
     ``"optimizer_param_names"`` (its parameters' names in state order) with ``save_optimizer``.
     """
     payload: dict[str, Any] = {
         "model_state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "step": int(step),
-        "lr": current_lr(optimizer),
+        "lr": recorded_lr(model, optimizer),
     }
     if save_optimizer:
         payload["optimizer_state_dict"] = optimizer.state_dict()
@@ -144,7 +167,7 @@ class CheckpointRecorder:
         return self.save(model, optimizer, step) if self.wants(step) else None
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> Path:
-        """Save ``model``'s state with ``step`` and the optimiser's current lr, atomically."""
+        """Save ``model``'s state with ``step`` and the optimiser's current lr(s), atomically."""
         return save_checkpoint(self.directory, model, optimizer, step,
                                save_optimizer=self.save_optimizer)  # fmt: skip
 
@@ -153,7 +176,7 @@ class CheckpointRecorder:
         return sorted(self.directory.glob("step_*.pt"))
 
     def checkpoints(self) -> Checkpoints:
-        """`Checkpoints` of the recorded files, steps and learning rates read from each."""
+        """`Checkpoints` of the recorded files, with the steps and (group) lrs read from each."""
         paths = self.paths()
         if not paths:
             raise ConfigError(f"no checkpoints recorded in {self.directory} yet")
