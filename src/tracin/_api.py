@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,15 @@ import torch
 from torch import nn
 
 import tracin
+from tracin._args import (
+    dtype_name,
+    embedding_layer_name,
+    integer,
+    layer_names,
+    projection_config,
+    query_splits,
+    store_path,
+)
 from tracin._batch import Batch, Data, batch_size, iter_batches, map_tensors, slice_batch
 from tracin._checkpoints import Checkpoint, Checkpoints
 from tracin._engine import functional_model
@@ -23,12 +32,15 @@ from tracin._featurize import (
     count_rows,
     data_fingerprint,
     device_of,
+    effective_projection,
     make_engine,
     model_errors,
     model_fingerprint,
 )
 from tracin._hooks import FactoredEngine
-from tracin._params import eval_mode, select_parameters
+from tracin._lock import StoreLock
+from tracin._manifest import check_schema, ckpt_entry, reconcile, task_fingerprint
+from tracin._params import eval_mode, select_parameters, unwrap_model
 from tracin._projection import ProjectionConfig
 from tracin._run import Run
 from tracin._store import SCHEMA_VERSION, FeatureStore, StoreError
@@ -36,80 +48,36 @@ from tracin._task import Task, check_task
 
 __all__ = ["featurize", "open"]
 
-_DTYPES = ("float32", "float16", "float64")
 
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer")
-    return value
-
-
-def _validate(model: Any, task: Any, checkpoints: Any, dtype: str) -> None:
+def _check_model_and_task(model: Any, task: Any, query_task: Any = None) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model is a {type(model).__name__}, not a torch.nn.Module")
-    if not isinstance(task, Task):
-        raise ConfigError(f"task is a {type(task).__name__}, not a tracin.Task")
+    for name, value in (("task", task), ("query_task", query_task)):
+        if not isinstance(value, Task) and not (name == "query_task" and value is None):
+            raise ConfigError(
+                f"{name} is a {type(value).__name__}, not a tracin.Task; use e.g. "
+                "tracin.ClassificationTask() or subclass tracin.Task"
+            )
+
+
+def _validate(model: Any, task: Any, checkpoints: Any, query_task: Any, progress: Any) -> None:
+    _check_model_and_task(model, task, query_task)
     if not isinstance(checkpoints, Checkpoints):
         raise ConfigError(
             f"checkpoints is a {type(checkpoints).__name__}; build it with "
             "tracin.Checkpoints.from_paths(paths, lr=...) or from_state_dicts"
         )
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype={dtype!r}; expected one of {list(_DTYPES)}")
-
-
-def _ckpt_entry(c: Checkpoint) -> dict[str, Any]:
-    return {"id": c.id, "step": c.step, "lr": c.lr, "sha256": c.sha256(),
-            "path": None if c.path is None else str(c.path)}  # fmt: skip
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [d for k in keys for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')} ({old!r} -> {new!r})"]
-
-
-def _check_schema(root: Path | None, manifest: Mapping[str, Any]) -> None:
-    if manifest.get("schema") != SCHEMA_VERSION:
-        raise StoreError(
-            f"store {root} has schema {manifest.get('schema')!r} (written by tracin "
-            f"{manifest.get('tracin_version')}); this tracin {tracin.__version__} reads schema "
-            f"{SCHEMA_VERSION}: featurize again with overwrite=True"
+    if progress is not None and not callable(progress):
+        raise ConfigError(
+            f"progress={progress!r} must be None or a function progress(stage, advance, total)"
         )
 
 
-def _reconcile(store: FeatureStore, manifest: dict[str, Any], overwrite: bool) -> None:
-    """Check a new manifest against the one on disk; raise naming what differs."""
-    old = store.read_manifest()
-    if old is None:
-        return
-    root = store.root
-    if overwrite:
-        assert root is not None
-        shutil.rmtree(root / "features", ignore_errors=True)
-        return
-    _check_schema(root, old)
-    keys = ("config", "model", "embedding_layer")
-    diffs = _diff({k: old.get(k) for k in keys}, {k: manifest[k] for k in keys})
-    hashes = {c["id"]: c["sha256"] for c in old.get("checkpoints", [])}
-    for c in manifest["checkpoints"]:
-        if hashes.get(c["id"], c["sha256"]) != c["sha256"]:
-            diffs.append(f"checkpoint {c['id']} sha256 (the file changed)")
-    for split, info in manifest["splits"].items():
-        before = old.get("splits", {}).get(split)
-        if before and before["fingerprint"] != info["fingerprint"]:
-            diffs.append(f"splits.{split}.fingerprint (different data)")
-        elif before and info["n_rows"] < before["n_rows"]:
-            diffs.append(f"splits.{split}.n_rows ({before['n_rows']} -> {info['n_rows']})")
-    if diffs:
-        raise StoreError(
-            f"store {root} was made differently: {'; '.join(diffs)}. Pass overwrite=True to "
-            "replace it, or choose another store directory"
-        )
-    for split, info in old.get("splits", {}).items():
-        manifest["splits"].setdefault(split, info)
+def _writer_lock(root: Path | None, shard: tuple[int, int]) -> Any:
+    """The store's writer lock, held by rank 0 for its whole job (nothing in memory)."""
+    if root is None or shard[0] != 0:
+        return contextlib.nullcontext()
+    return StoreLock(root)
 
 
 def featurize(
@@ -176,18 +144,25 @@ def featurize(
     Raises:
         TracInError: for any bad input, with the value and the fix in the message.
     """
-    _validate(model, task, checkpoints, dtype)
-    _positive_int("batch_size", batch_size)
-    _positive_int("block_rows", block_rows)
-    kind = projection or ("gaussian" if proj_dim is not None else "identity")
-    proj = ProjectionConfig(kind, proj_dim, seed)  # type: ignore[arg-type]
-    names = tuple(select_parameters(model, layers))
+    model = unwrap_model(model)  # DataParallel/DDP/torch.compile: the module inside
+    _validate(model, task, checkpoints, query_task, progress)
+    root = None if store is None else store_path(store)
+    dtype = dtype_name(dtype)
+    batch_size = integer("batch_size", batch_size, 1, 64)
+    block_rows = integer("block_rows", block_rows, 1, 4096)
+    proj = projection_config(projection, proj_dim, seed)
+    names = tuple(select_parameters(model, layer_names(layers, model)))
+    embedding_layer = embedding_layer_name(model, embedding_layer)
+    queries = query_splits(queries)
+    if not isinstance(overwrite, bool | np.bool_):
+        raise ConfigError(f"overwrite={overwrite!r} must be True or False")
+    proj = effective_projection(model, names, proj)
     config = RunConfig(names, proj, dtype, block_rows, batch_size, engine, precondition)
-    feature_engine = make_engine(model, config)
+    feature_engine = make_engine(model, config, checkpoints=checkpoints)
     if isinstance(feature_engine, FactoredEngine) and proj.kind == "last_layer":
         proj = dataclasses.replace(proj, split=feature_engine.split())
         config = dataclasses.replace(config, projection=proj)
-    source = GradientSource(model, feature_engine, batch_size)
+    source = GradientSource(model, feature_engine, batch_size, config)
     with eval_mode(model):
         n_train = _check_first_batch(source, task, checkpoints[0], train_data)
         common: dict[str, Any] = dict(
@@ -195,14 +170,12 @@ def featurize(
             n_train=n_train, source=source, task=task, checkpoints=checkpoints,
             train_data=train_data,
         )  # fmt: skip
-        feature_store = FeatureStore(None if store is None else Path(store))
+        feature_store = FeatureStore(root)
         splits = {"train": (train_data, task.train_loss)}
         qtask = query_task or task
-        for name, data in (queries or {}).items():
-            if name == "train":
-                raise ConfigError("a query split cannot be named 'train'")
+        for name, data in queries.items():
             splits[name] = (data, qtask.query_score)
-        if store is None and proj.kind == "identity":
+        if root is None and proj.kind == "identity":
             sq = _stream_sqnorms(source, task, checkpoints, train_data, n_train, progress)
             _embed(source, feature_store, splits, checkpoints, embedding_layer, config)
             return Run(store=feature_store, streaming=True, sqnorms=sq, **common)
@@ -210,24 +183,27 @@ def featurize(
             "schema": SCHEMA_VERSION, "tracin_version": tracin.__version__,
             "config": config.to_json(), "model": model_fingerprint(model),
             "embedding_layer": embedding_layer,
-            "checkpoints": [_ckpt_entry(c) for c in checkpoints],
+            "checkpoints": [ckpt_entry(c) for c in checkpoints],
             "splits": {name: {"n_rows": count_rows(d, batch_size),
-                              "fingerprint": data_fingerprint(d, batch_size)}
+                              "fingerprint": data_fingerprint(d, batch_size),
+                              "task": task_fingerprint(task if name == "train" else qtask,
+                                                       "train" if name == "train" else "query")}
                        for name, (d, _) in splits.items()},
         }  # fmt: skip
         shard = _shard()
-        _reconcile(feature_store, manifest, overwrite and shard[0] == 0)
-        _barrier(shard)  # every rank has checked the store before rank 0 changes it
-        if shard[0] == 0:
-            feature_store.remove_temp_files()
-            feature_store.write_manifest(manifest)
-        _barrier(shard)
-        for name, (data, score) in splits.items():
-            n_rows = int(manifest["splits"][name]["n_rows"])
-            source.fill(feature_store, name, checkpoints, score, data, n_rows, config, progress,
-                        shard)  # fmt: skip
-        _embed(source, feature_store, splits, checkpoints, embedding_layer, config, shard)
-        _barrier(shard)  # the store is complete on every rank
+        with _writer_lock(root, shard):  # one featurize job per store; released on any exit
+            reconcile(feature_store, manifest, overwrite, owner=shard[0] == 0)
+            _barrier(shard)  # every rank has checked the store before rank 0 changes it
+            if shard[0] == 0:
+                feature_store.remove_temp_files()
+                feature_store.write_manifest(manifest)
+            _barrier(shard)
+            for name, (data, score) in splits.items():
+                n_rows = int(manifest["splits"][name]["n_rows"])
+                source.fill(feature_store, name, checkpoints, score, data, n_rows, config,
+                            progress, shard)  # fmt: skip
+            _embed(source, feature_store, splits, checkpoints, embedding_layer, config, shard)
+            _barrier(shard)  # the store is complete on every rank
     split_rows = {k: int(v["n_rows"]) for k, v in manifest["splits"].items()}
     return Run(store=feature_store, split_rows=split_rows, **common)
 
@@ -275,7 +251,7 @@ def _check_first_batch(
     batch = slice_batch(batch, 0, min(batch_size(batch), _CHECK_ROWS))
     batch = map_tensors(lambda t: t.to(device_of(source.model)), batch)
     model = functional_model(source.model, source.weights(first_ckpt))
-    with model_errors("train", 0, batch_size(batch), first_ckpt.id):
+    with model_errors("train", 0, batch_size(batch), first_ckpt.id, source.model):
         check_task(task, model, batch, ("train_loss",))
     return count_rows(data, source.batch_size)
 
@@ -314,12 +290,14 @@ def open(
     proponents and opponents of stored query splits. With ``model`` and ``task`` (and
     ``checkpoints`` when the store's checkpoints were in memory), new query batches work too.
     """
-    root = Path(path)
+    model = None if model is None else unwrap_model(model)
+    root = store_path(path, "path", create=False)
+    batch_size = integer("batch_size", batch_size, 1, 64)
     store = FeatureStore(root)
     manifest = store.read_manifest()
     if manifest is None:
         raise StoreError(f"{root} holds no tracin store (no manifest.json); run featurize first")
-    _check_schema(root, manifest)
+    check_schema(root, manifest, writing=False)
     cfg = manifest["config"]
     proj = ProjectionConfig(**cfg["projection"])
     config = RunConfig(tuple(cfg["parameters"]), proj, cfg["dtype"], cfg["block_rows"], batch_size,
@@ -329,14 +307,22 @@ def open(
     if model is not None:
         if task is None:
             raise ConfigError("tracin.open(..., model=...) needs task=... too")
+        _check_model_and_task(model, task)
         if checkpoints is None:
             if any(e["path"] is None for e in entries):
                 raise ConfigError("the store's checkpoints were in memory: pass checkpoints=...")
             checkpoints = Checkpoints(
-                Checkpoint(id=e["id"], step=e["step"], lr=e["lr"], path=Path(e["path"]))
+                Checkpoint(
+                    id=e["id"],
+                    step=e["step"],
+                    lr=e["lr"],
+                    path=Path(e["path"]),
+                    group_lrs=tuple((n, lr) for n, lr in e.get("group_lrs", ())),
+                )
                 for e in entries
             )
-        source = GradientSource(model, make_engine(model, config), config.batch_size)
+        engine_ = make_engine(model, config, checkpoints=checkpoints)
+        source = GradientSource(model, engine_, config.batch_size, config)
     return Run(
         config=config, ckpt_ids=tuple(e["id"] for e in entries),
         lrs=tuple(float(e["lr"]) for e in entries), n_train=manifest["splits"]["train"]["n_rows"],

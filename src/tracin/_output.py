@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tracin._errors import ConfigError
-from tracin._store import atomic_write
+from tracin._store import atomic_write, not_writable
 
 __all__ = ["FORMATS", "write_table"]
 
@@ -25,9 +25,31 @@ def write_table(
     console: Any,
     title: str = "",
 ) -> None:
-    """Show ``rows`` as a table, or write them as CSV/JSON/Parquet to ``output`` (or stdout)."""
+    """Show ``rows`` as a table, or write them as CSV/JSON/Parquet to ``output`` (or stdout).
+
+    Raises:
+        ConfigError: an unknown format, or an output that is a folder or cannot be written.
+    """
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}; expected one of {list(FORMATS)}")
+    if output is not None and output.is_dir():
+        raise ConfigError(f"--output {str(output)!r} is a folder; pass a file path in it")
+    try:
+        _write(columns, rows, fmt, output, console, title)
+    except OSError as exc:
+        if output is None:  # stdout closed early (e.g. piped into head): the caller's business
+            raise
+        raise ConfigError(not_writable(output.parent, exc)) from exc
+
+
+def _write(
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    fmt: str,
+    output: Path | None,
+    console: Any,
+    title: str,
+) -> None:
     if fmt == "table":
         from rich.table import Table
 

@@ -54,10 +54,14 @@ def load_spec(path: str | Path) -> Spec:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"spec file {str(file)!r} does not exist; see `tracin featurize --help`")
-    module_spec = importlib.util.spec_from_file_location(f"tracin_spec_{file.stem}", file)
+    name = f"tracin_spec_{file.stem}"
+    module_spec = importlib.util.spec_from_file_location(name, file)
     if module_spec is None or module_spec.loader is None:
-        raise ConfigError(f"cannot load {str(file)!r} as Python")
+        raise ConfigError(
+            f"cannot load {str(file)!r} as Python; the spec is a .py file (see `tracin --help`)"
+        )
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # so the source of its classes (a Task's) can be read back
     sys.path.insert(0, str(file.parent.resolve()))
     try:
         module_spec.loader.exec_module(module)
@@ -80,6 +84,11 @@ def load_spec(path: str | Path) -> Spec:
     queries = ns.get("queries") or {}
     if not isinstance(queries, dict):
         raise ConfigError(f"spec {str(file)!r}: `queries` must be a dict of name -> Dataset")
+    if ns.get("render") is not None and not callable(ns["render"]):
+        raise ConfigError(
+            f"spec {str(file)!r}: `render` is {type(ns['render']).__name__}; define it as a "
+            "function render(split, index) -> dict"
+        )
     assert isinstance(model, nn.Module)  # checked above
     return Spec(model, ns["task"], ns["checkpoints"], ns["train"], dict(queries),
                 ns.get("render"), ns.get("layers"), ns.get("embedding_layer"))  # fmt: skip

@@ -3,6 +3,7 @@
 Layout under the run directory::
 
     manifest.json                                    config, checkpoints, splits (atomic rewrite)
+    .lock                                            the writer now at work (see `tracin._lock`)
     features/<split>/ckpt_<id>/block_<k>.npy         (rows, dim) features, float32 or float16
     features/<split>/ckpt_<id>/sqnorm_<k>.npy        (rows,) exact ||g||^2, float64
     features/<split>/ckpt_<id>/block_<k>.json        rows and sha256 of both files, written last
@@ -21,7 +22,7 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,17 @@ import numpy as np
 
 from tracin._errors import TracInError
 
-__all__ = ["EMBEDDING", "SCHEMA_VERSION", "FeatureStore", "StoreError", "atomic_write"]
+__all__ = [
+    "EMBEDDING",
+    "SCHEMA_VERSION",
+    "FeatureStore",
+    "StoreError",
+    "atomic_write",
+    "not_writable",
+]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Version 2 records each split's task; version 1 stores are read but not resumed."""
 EMBEDDING = "__embedding__"
 """Checkpoint key under which a split's embeddings are stored (in ``embeddings/<split>``)."""
 
@@ -41,9 +50,17 @@ class StoreError(TracInError):
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename.
+
+    The file gets the permissions any new file of the user gets (``0o666`` less the umask),
+    not ``tempfile``'s private ``0o600``.
+
+    Raises:
+        OSError: the folder cannot be created or written (nothing is left behind).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -51,8 +68,16 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def not_writable(folder: Path, exc: OSError) -> str:
+    """A one-line message for a folder that cannot be written (read-only, no permission, full)."""
+    return (
+        f"cannot write to {str(folder)!r} ({exc.strerror or exc}): choose a folder you can write "
+        "to, or fix its permissions or free space"
+    )
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -97,19 +122,28 @@ class FeatureStore:
         return data
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        """Atomically replace the manifest."""
+        """Atomically replace the manifest.
+
+        Raises:
+            StoreError: the store folder cannot be written.
+        """
         path = self.manifest_path
-        if path is not None:
+        if path is None:
+            return
+        try:
             atomic_write(path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        except OSError as exc:
+            raise StoreError(not_writable(path.parent, exc)) from exc
 
     def remove_temp_files(self) -> int:
         """Delete temporary files a killed writer left behind; returns how many.
 
-        Only safe while no other process writes to this store.
+        Only safe while no other process writes to this store (featurize holds its lock).
         """
-        if self.root is None or not (self.root / "features").exists():
+        if self.root is None:
             return 0
-        stale = [*(self.root / "features").rglob(".*.tmp"), *self.root.glob("embeddings/*/.*.tmp")]
+        stale = [*self.root.glob("features/**/.*.tmp"), *self.root.glob("embeddings/*/.*.tmp"),
+                 *self.root.glob(".manifest.json.*.tmp")]  # fmt: skip
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
