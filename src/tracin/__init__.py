@@ -43,6 +43,7 @@ from tracin._task import (
     Task,
     check_task,
 )
+from tracin.review._decisions import ReviewedLabels, apply_decisions, read_decisions
 
 __version__ = "0.1.0"
 
@@ -75,6 +76,7 @@ __all__ = [
     "NeighborIndex",
     "Neighbors",
     "RegressionTask",
+    "ReviewedLabels",
     "Run",
     "StoreError",
     "Task",
@@ -83,9 +85,11 @@ __all__ = [
     "TracInIdeal",
     "TracInWarning",
     "__version__",
+    "apply_decisions",
     "check_task",
     "featurize",
     "index_neighbors",
     "log_spaced_steps",
     "open",
+    "read_decisions",
 ]
