@@ -110,7 +110,7 @@ def test_store_scoring_equals_dense(n, dims, block_rows, lrs, dtype, seed, k, ti
         with pytest.raises(tracin.ConfigError, match=f"k={k}"):
             run.neighbors("q", k)
         return
-    props, opps = run.neighbors("q", k)
+    props, opps = run.neighbors("q", k, relevance="tracin")  # the raw score (default: cosine)
     scores = run.influence("q")
     np.testing.assert_array_equal(props.indices, top_k(scores, k).indices)
     np.testing.assert_array_equal(opps.indices, top_k(scores, k, largest=False).indices)

@@ -50,8 +50,8 @@ def test_proponents_and_opponents_match_oracle_ranking(mlp_setup):
         model, tracin.ClassificationTask(), checkpoints(states), TensorDataset(*train)
     )
     expected = brute_force_influence(model, states, LRS, ce, rows_of(train), ce, rows_of(query))
-    props = run.proponents(query, k=4)
-    opps = run.opponents(query, k=4)
+    props = run.proponents(query, k=4, relevance="tracin")  # the raw score (default: cosine)
+    opps = run.opponents(query, k=4, relevance="tracin")
     np.testing.assert_array_equal(props.indices, np.argsort(-expected, axis=1)[:, :4])
     np.testing.assert_array_equal(opps.indices, np.argsort(expected, axis=1)[:, :4])
     assert_close(props.scores, np.take_along_axis(expected, props.indices, 1))
@@ -102,8 +102,8 @@ def test_regression_loss_and_prediction_queries(gen):
     def sq(m, b):
         return (m(b[0]).squeeze(1) - b[1]) ** 2
 
-    def pred(m, b):
-        return m(b[0]).squeeze(1)
+    def pred(m, b):  # minus the prediction: a positive influence raised it
+        return -m(b[0]).squeeze(1)
 
     assert_close(
         run.influence((x[:3], y[:3])),
@@ -124,10 +124,10 @@ def test_classification_prediction_score(mlp_setup, query_class):
     )
     task = tracin.ClassificationTask(query="prediction", query_class=query_class)
 
-    def logit(m, b):
+    def logit(m, b):  # minus the followed logit: a positive influence raised it
         out = m(b[0])
         cls = out.argmax(1) if query_class is None else torch.full((1,), query_class)
-        return out.gather(1, cls[:, None]).squeeze(1)
+        return -out.gather(1, cls[:, None]).squeeze(1)
 
     expected = brute_force_influence(
         model, states, LRS, ce, rows_of(train), logit, rows_of((query[0],))

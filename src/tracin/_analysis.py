@@ -37,25 +37,32 @@ def cluster(
 ) -> np.ndarray:
     """Cluster unit vectors by cosine distance; labels ``(rows,)`` in ``0..n_clusters-1``.
 
+    ``"kmeans"``: spherical k-means (`tracin._cluster`, no extra dependency);
+    ``"agglomerative"``: average linkage on the ``(N, N)`` distances (scikit-learn).
+
     Raises:
         ConfigError: bad ``n_clusters`` or ``method``, or scikit-learn missing.
     """
     n = len(vectors)
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or not 1 <= n_clusters <= n:
         raise ConfigError(f"n_clusters={n_clusters!r} must be an integer between 1 and {n} rows")
-    try:
-        from sklearn.cluster import AgglomerativeClustering, KMeans
-    except ImportError:
-        raise ConfigError("clustering needs scikit-learn: pip install 'tracin[analysis]'") from None
     if method == "agglomerative":
+        try:
+            from sklearn.cluster import AgglomerativeClustering
+        except ImportError:
+            raise ConfigError(
+                "agglomerative clustering needs scikit-learn: pip install 'tracin[analysis]', "
+                "or use method='kmeans'"
+            ) from None
         distance = np.clip(1.0 - vectors @ vectors.T, 0.0, 2.0)
         model = AgglomerativeClustering(
             n_clusters=n_clusters, metric="precomputed", linkage="average"
         )
         return np.asarray(model.fit_predict(distance), dtype=np.int64)
     if method == "kmeans":
-        km = KMeans(n_clusters=n_clusters, n_init=4, random_state=seed)
-        return np.asarray(km.fit_predict(vectors), dtype=np.int64)
+        from tracin._cluster import array_source, spherical_kmeans
+
+        return spherical_kmeans(array_source(vectors), n, n_clusters, seed=seed).labels
     raise ConfigError(f"method={method!r}; expected 'agglomerative' or 'kmeans'")
 
 

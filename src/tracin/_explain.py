@@ -8,7 +8,7 @@ the examples themselves.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -84,7 +84,7 @@ def compose_report(
     flag: Callable[[int], str] | None = None,
     baselines: Mapping[str, np.ndarray] | None = None,
     cluster_rows: Sequence[int] | None = None,
-    n_clusters: int = 4,
+    n_clusters: int | Literal["auto"] = 4,
     cluster_title: str = "Clusters",
     summary: Sequence[Sequence[Any]] = (),
     ranking: tuple[str, np.ndarray] | None = None,
@@ -104,8 +104,10 @@ def compose_report(
         flipped: ground truth of mislabelled training rows, if known (plots a recall curve).
         flag: ``flag(train_index) -> str`` warning shown on an example ('' for none).
         baselines: other rankings to plot beside self-influence (e.g. final loss).
-        cluster_rows: training rows to cluster by TracIn similarity.
-        n_clusters: number of clusters.
+        cluster_rows: training rows to cluster by TracIn similarity (spherical k-means,
+            `Run.clusters`); each cluster shows its most typical members (closest to the
+            centre) first.
+        n_clusters: number of clusters, or ``"auto"`` (best silhouette).
         cluster_title: heading of the clusters section.
         summary: table rows ``(name, value, ...)`` shown first.
         ranking: ``(name, scores)`` ranking the gallery and drawn first in the recall plot
@@ -128,15 +130,19 @@ def compose_report(
     if query_split is not None and len(query_rows):
         report.explanations = _explanations(run, render, query_split, query_rows,
                                             query_captions, k, flags)  # fmt: skip
-    if cluster_rows is not None and len(cluster_rows) >= n_clusters:
+    if cluster_rows is not None and len(cluster_rows) >= (
+        2 if n_clusters == "auto" else n_clusters
+    ):
         rows = np.asarray(cluster_rows, dtype=np.int64)
-        labels = run.cluster(n_clusters, rows=rows)
-        for c in range(n_clusters):
-            members = rows[labels == c]
-            members = members[np.argsort(-self_inf[members], kind="stable")][:16]
-            report.clusters.append((f"cluster {c + 1} ({int((labels == c).sum())} rows)",
-                                    [example(render, "train", i, None, flags(int(i)))
-                                     for i in members]))  # fmt: skip
+        found = run.clusters(n_clusters, rows=rows)
+        for c in range(len(found.centres)):
+            typical = found.typical(c, 16)
+            count = int((found.labels == c).sum())
+            report.clusters.append((f"cluster {c + 1} ({count} rows, most typical first; score: "
+                                    "cosine to the centre)",
+                                    [example(render, "train", int(rows[i]),
+                                             float(found.similarity[i]), flags(int(rows[i])))
+                                     for i in typical]))  # fmt: skip
     return report
 
 
@@ -149,7 +155,8 @@ def _explanations(
     k: int,
     flags: Callable[[int], str],
 ) -> list[Explanation]:
-    props, opps = run.neighbors(split, k)
+    props, opps = run.neighbors(split, k)  # the cosine relevance
+    raw, _ = run.neighbors(split, k, relevance="tracin")
     has_embeddings = True
     try:
         near, far = run.embedding_neighbors(split, k)
@@ -157,8 +164,11 @@ def _explanations(
         has_embeddings = False
     out = []
     for j, q in enumerate(rows):
-        lines = [("TracIn proponents", _row(render, props, q, flags)),
-                 ("TracIn opponents", _row(render, opps, q, flags))]  # fmt: skip
+        lines = [("TracIn proponents (cosine of gradients)", _row(render, props, q, flags)),
+                 ("TracIn opponents (cosine of gradients)",
+                  _row(render, opps, q, flags))]  # fmt: skip
+        if j == 0:  # once, the raw score beside it: large-gradient rows crowd it
+            lines.append(("raw TracInCP score: proponents", _row(render, raw, q, flags)))
         if has_embeddings:
             lines += [("embedding: nearest", _row(render, near, q, flags)),
                       ("embedding: farthest", _row(render, far, q, flags))]  # fmt: skip

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 
 from tracin._errors import ConfigError
+from tracin._relevance import Relevance, check_relevance
 from tracin._scoring import Neighbors, merge_top_k, top_k
 from tracin._store import StoreError
 
@@ -79,10 +80,13 @@ class ExactIndex:
 
     Args:
         run: a run with stored features (`tracin.featurize` with a store or ``proj_dim``).
+        relevance: how the training rows are folded (`Run.folded_blocks`): ``"tracin"`` (raw
+            scores) or ``"cosine"`` / ``"relatif"``; fold the queries with the same relevance.
     """
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, relevance: Relevance = "tracin") -> None:
         self.run = run
+        self.relevance = check_relevance(relevance)
 
     @property
     def ntotal(self) -> int:
@@ -94,7 +98,7 @@ class ExactIndex:
         q = _as_queries(queries)
         _check_k(k, self.ntotal)
         best: Neighbors | None = None
-        for start, block in self.run.folded_blocks():
+        for start, block in self.run.folded_blocks(relevance=self.relevance):
             if block.shape[1] != q.shape[1]:
                 raise ConfigError(
                     f"queries have {q.shape[1]} columns but the run's folded vectors have "
@@ -133,6 +137,7 @@ class FaissIndex:
         nprobe: int = 16,
         train_rows: int | None = None,
         seed: int = 0,
+        relevance: Relevance = "tracin",
     ) -> FaissIndex:
         """Build an index from the run's stored blocks, adding one block at a time.
 
@@ -147,11 +152,16 @@ class FaissIndex:
             nprobe: IVF lists scanned per query (recall against speed).
             train_rows: rows sampled to train IVF; default ``min(N, 50 * nlist)``.
             seed: seed of the IVF training sample and k-means.
+            relevance: how the rows are folded (`Run.folded_blocks`): ``"tracin"`` (raw
+                scores), ``"cosine"`` (unit vectors: the search ranks by the cosine relevance
+                that `Run.neighbors` uses by default) or ``"relatif"``; fold the queries with
+                the same relevance (`Run.folded_queries`).
 
         Raises:
             ConfigError: FAISS is missing, the run has no stored features, or a bad parameter.
         """
         faiss = _faiss()
+        relevance = check_relevance(relevance)
         n = run.n_train
         dim = _folded_dim(run)
         if kind == "flat":
@@ -172,11 +182,11 @@ class FaissIndex:
                 quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
             )
             index.cp.seed = seed
-            index.train(_sample_rows(run, train_rows, seed))
+            index.train(_sample_rows(run, train_rows, seed, relevance))
             index.nprobe = nprobe
         else:
             raise ConfigError(f"index kind={kind!r}; expected 'flat', 'hnsw' or 'ivf'")
-        for _, block in run.folded_blocks():
+        for _, block in run.folded_blocks(relevance=relevance):
             index.add(np.ascontiguousarray(block, dtype=np.float32))
         return cls(index)
 
@@ -267,11 +277,11 @@ def _folded_dim(run: Run) -> int:
     raise ConfigError("the run has no training rows to index")
 
 
-def _sample_rows(run: Run, rows: int, seed: int) -> np.ndarray:
+def _sample_rows(run: Run, rows: int, seed: int, relevance: Relevance) -> np.ndarray:
     """``rows`` distinct training vectors, chosen with ``default_rng(seed)``, in one pass."""
     chosen = np.sort(np.random.default_rng(seed).choice(run.n_train, size=rows, replace=False))
     parts = []
-    for start, block in run.folded_blocks():
+    for start, block in run.folded_blocks(relevance=relevance):
         lo, hi = np.searchsorted(chosen, [start, start + block.shape[0]])
         parts.append(block[chosen[lo:hi] - start])
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tracin._errors import ConfigError
-from tracin._store import atomic_write
+from tracin._store import atomic_write, not_writable
 
 __all__ = ["Example", "Explanation", "Plot", "Report", "image_uri", "write_report"]
 
@@ -76,17 +76,53 @@ class Report:
     clusters_title: str = "Clusters"
 
 
+def _image_array(pixels: Any) -> np.ndarray:
+    """``pixels`` as ``(H, W)`` grey or ``(H, W, 3|4)`` colour; channels-first is moved last.
+
+    Raises:
+        ConfigError: not numeric, or another shape (naming it and how to reshape).
+    """
+    try:
+        arr = np.asarray(pixels, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"render returned an image of type {type(pixels).__name__}; it must be a numeric "
+            "array of shape (H, W), (H, W, 3) or (C, H, W)"
+        ) from None
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (3, 4):
+        arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)  # channels first
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))) or 0 in arr.shape:
+        side = int(np.sqrt(arr.size))
+        hint = (f", e.g. image.reshape({side}, {side})" if arr.ndim == 1 and side * side == arr.size
+                else "")  # fmt: skip
+        raise ConfigError(
+            f"render returned an image of shape {arr.shape}; the report draws (H, W) grey, "
+            f"(H, W, 3|4) or (C, H, W) colour images: reshape it in render{hint}, or return "
+            "'text' or 'row' instead of 'image'"
+        )
+    if not np.isfinite(arr).all():
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    return arr
+
+
 def image_uri(pixels: np.ndarray, cmap: str = "gray_r") -> str:
-    """A 2-D (grey) or 3-D (RGB) array as a ``data:image/png;base64`` URI."""
+    """A 2-D (grey) or 3-D (RGB) array as a ``data:image/png;base64`` URI.
+
+    Raises:
+        ConfigError: ``pixels`` is not an image (see `_image_array`).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib import pyplot as plt
 
     buf = io.BytesIO()
-    arr = np.asarray(pixels, dtype=np.float64)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3):  # channels first
-        arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
+    arr = _image_array(pixels)
+    if arr.ndim == 3 and (arr.min() < 0 or arr.max() > 1):  # imsave wants colours in [0, 1]
+        low, high = (0.0, 255.0) if arr.min() >= 0 and arr.max() <= 255 else (arr.min(), arr.max())
+        arr = (arr - low) / ((high - low) or 1.0)
     plt.imsave(buf, arr, cmap=cmap if arr.ndim == 2 else None, format="png")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
@@ -122,5 +158,11 @@ def write_report(report: Report, path: str | Path) -> Path:
     )
     html = env.get_template("report.html.j2").render(report=report)
     out = Path(path)
-    atomic_write(out, html.encode("utf-8"))
+    if out.is_dir():
+        example = str(out / "index.html")
+        raise ConfigError(f"report path {str(out)!r} is a directory; pass a file, e.g. {example!r}")
+    try:
+        atomic_write(out, html.encode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(not_writable(out.parent, exc)) from exc
     return out

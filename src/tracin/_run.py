@@ -14,8 +14,8 @@ Learning rates enter only through `lr_weighted_sum`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,8 +24,16 @@ from torch import nn
 from tracin._batch import Batch, Data, iter_batches
 from tracin._checkpoints import Checkpoints
 from tracin._errors import ConfigError, DataError
-from tracin._featurize import GradientSource, RunConfig
+from tracin._featurize import RunConfig
 from tracin._params import eval_mode
+from tracin._relevance import (
+    Relevance,
+    check_relevance,
+    checkpoint_weights,
+    inverse_norms,
+    normalises,
+)
+from tracin._run_analysis import RunAnalysis
 from tracin._scoring import (
     Neighbors,
     fold,
@@ -35,13 +43,14 @@ from tracin._scoring import (
     products,
     top_k,
 )
-from tracin._store import EMBEDDING, FeatureStore, StoreError
+from tracin._source import GradientSource
+from tracin._store import FeatureStore, StoreError
 from tracin._task import Task
 
 __all__ = ["Run"]
 
 
-class Run:
+class Run(RunAnalysis):
     """Scores for one model, task, checkpoints and training set.
 
     Made by `tracin.featurize` or `tracin.open`. Results are NumPy float64 arrays; column ``j``
@@ -76,6 +85,8 @@ class Run:
         self._source = source
         self._train_data = train_data
         self._sqnorms = sqnorms
+        self.progress: Callable[[str, int, int], None] | None = None
+        """``progress(stage, rows, total)`` after each block or batch of a scoring pass."""
 
     @property
     def model(self) -> nn.Module | None:
@@ -116,7 +127,7 @@ class Run:
     ) -> list[torch.Tensor]:
         """Query features per checkpoint, each ``(Q, dim)`` float32 (or the model's dtype)."""
         if isinstance(query, str):
-            if self.streaming:
+            if self.streaming and (query == "train" or query not in self.split_rows):
                 raise ConfigError(
                     f"query split {query!r}: this run streams exact gradients and stores no "
                     "query features; pass the query batch itself, or featurize with a store"
@@ -147,26 +158,34 @@ class Run:
         parts = [np.asarray(self.store.read_block(split, key, k)[0]) for k in range(blocks)]
         return np.concatenate(parts)
 
-    def _score_blocks(self, q_feats: list[torch.Tensor]) -> Iterator[tuple[int, np.ndarray]]:
+    def _score_blocks(
+        self, q_feats: list[torch.Tensor], relevance: Relevance = "tracin"
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """``(start_row, (Q, rows) scores)`` for each stored block of training rows.
 
         Blocks are converted to float32 (float64 for a float64 store) before multiplying: a
         float16 matrix multiply is far slower on CPUs, and scores accumulate in float32 or better.
+        ``relevance`` (see `tracin._relevance`) divides rows by their per-checkpoint norms.
         """
         dtype = torch.float64 if self.config.dtype == "float64" else torch.float32
-        queries = [q.to(dtype) for q in q_feats]
+        weights = checkpoint_weights(self.lrs, relevance)
+        queries = [self._normalised(q.to(dtype), relevance, "query") for q in q_feats]
         if self.config.projection.kind == "last_layer":  # per-checkpoint products of factors
             for k in range(self._n_blocks()):
                 terms = []
-                for lr, ckpt_id, q in zip(self.lrs, self.ckpt_ids, queries, strict=True):
+                for w, ckpt_id, q in zip(weights, self.ckpt_ids, queries, strict=True):
                     block = torch.from_numpy(
                         np.asarray(self.store.read_block("train", ckpt_id, k)[0])
-                    )
-                    terms.append((lr, self._inner(q, block.to(dtype)).numpy()))
+                    ).to(dtype)
+                    inner = self._inner(q, block)
+                    if normalises(relevance, "train"):
+                        inner = inner * inverse_norms(self._feature_norms(block))
+                    terms.append((w, inner.numpy()))
+                self._advance("score", len(block))
                 yield k * self.config.block_rows, lr_weighted_sum(terms)
             return
-        # one multiply per block: [lr_1 q_1, ..., lr_C q_C] @ [f_1, ..., f_C]^T, K = C x dim
-        q_cat = lr_scaled_concat(self.lrs, queries)
+        # one multiply per block: [w_1 q_1, ..., w_C q_C] @ [f_1, ..., f_C]^T, K = C x dim
+        q_cat = lr_scaled_concat(weights, queries)
         buffer: torch.Tensor | None = None
         for k in range(self._n_blocks()):
             blocks = [self.store.read_block("train", c, k)[0] for c in self.ckpt_ids]
@@ -175,34 +194,90 @@ class Run:
                 buffer = torch.empty(rows, q_cat.shape[1], dtype=dtype)
             col = 0
             for part in blocks:  # float16 -> float32 in a reused buffer: float16 matmul is slow
-                buffer[:, col : col + part.shape[1]].copy_(torch.from_numpy(part))
+                view = buffer[:, col : col + part.shape[1]]
+                view.copy_(torch.from_numpy(part))
+                if normalises(relevance, "train"):
+                    view.mul_(inverse_norms(self._feature_norms(view))[:, None])
                 col += part.shape[1]
+            self._advance("score", rows)
             yield k * self.config.block_rows, products(q_cat, buffer).double().numpy()
 
+    def _feature_norms(self, f: torch.Tensor) -> torch.Tensor:
+        """Per-row norm of the gradient the features stand for, ``(rows,)``.
+
+        Last-layer factors ``[a, d]`` give ``||d a^T|| = ||a|| ||d||``; other features their own
+        Euclidean norm (exact gradients, or their projection).
+        """
+        split = self.config.projection.split
+        if self.config.projection.kind == "last_layer" and split is not None:
+            norms: torch.Tensor = f[:, :split].norm(dim=1) * f[:, split:].norm(dim=1)
+            return norms
+        norms = f.norm(dim=1)
+        return norms
+
+    def _normalised(
+        self, f: torch.Tensor, relevance: Relevance, side: Literal["query", "train"]
+    ) -> torch.Tensor:
+        """``f`` with rows divided by their gradient norms when ``relevance`` asks for it.
+
+        Last-layer factors ``[a, d]`` have only ``d`` scaled: the gradient ``d a^T`` is bilinear.
+        """
+        if not normalises(relevance, side):
+            return f
+        inv = inverse_norms(self._feature_norms(f))[:, None].to(f.dtype)
+        split = self.config.projection.split
+        if self.config.projection.kind == "last_layer" and split is not None:
+            return torch.cat([f[:, :split], f[:, split:] * inv], dim=1)
+        return f * inv
+
     def folded_queries(
-        self, query: Data | Batch | str, *, query_task: Task | None = None
+        self,
+        query: Data | Batch | str,
+        *,
+        query_task: Task | None = None,
+        relevance: Relevance = "tracin",
     ) -> np.ndarray:
-        """Query vectors ``u(q)`` ``(Q, C * dim)`` float32, with ``<u(q), u(z)>`` = score."""
+        """Query vectors ``u(q)`` ``(Q, C * dim)`` float32, with ``<u(q), u(z)>`` = score.
+
+        Args:
+            query: as for `influence`.
+            query_task: as for `influence`.
+            relevance: ``"tracin"`` (raw score), ``"cosine"`` or ``"relatif"``; fold the
+                training rows with the same relevance (`folded_blocks`).
+        """
+        relevance = check_relevance(relevance)
         feats = [
-            self._unfactor(q.detach().cpu().numpy()) for q in self.query_features(query, query_task)
+            self._normalised(q.detach().cpu().float(), relevance, "query").numpy()
+            for q in self.query_features(query, query_task)
         ]
-        return fold(self.lrs, feats)
+        weights = checkpoint_weights(self.lrs, relevance)
+        return fold(weights, [self._unfactor(f) for f in feats])
 
     def folded_blocks(
-        self, weights: Sequence[float] | None = None
+        self, weights: Sequence[float] | None = None, *, relevance: Relevance = "tracin"
     ) -> Iterator[tuple[int, np.ndarray]]:
         """``(start_row, (rows, C * dim) float32)`` training vectors ``u(z)``, block by block.
 
         Args:
-            weights: per-checkpoint weights folded in as ``sqrt(w_c)`` (default: the lrs).
+            weights: per-checkpoint weights folded in as ``sqrt(w_c)`` (default: the lrs, or
+                the lrs over their sum for ``"cosine"``).
+            relevance: ``"tracin"`` (raw features), ``"cosine"`` or ``"relatif"`` (each
+                checkpoint's rows divided by their gradient norms). With ``"cosine"`` and the
+                default weights, the vectors have unit norm (zero-gradient rows: zero).
         """
+        relevance = check_relevance(relevance)
         if self.streaming:
             raise ConfigError(
                 "folded vectors need stored features: featurize with a store or proj_dim"
             )
+        weights = list(weights) if weights is not None else checkpoint_weights(self.lrs, relevance)
         for k in range(self._n_blocks()):
-            feats = [self._unfactor(self.store.read_block("train", c, k)[0]) for c in self.ckpt_ids]
-            yield k * self.config.block_rows, fold(weights or self.lrs, feats)
+            feats = []
+            for c in self.ckpt_ids:
+                f = torch.from_numpy(np.asarray(self.store.read_block("train", c, k)[0])).float()
+                feats.append(self._unfactor(self._normalised(f, relevance, "train").numpy()))
+            self._advance("pass over train", len(feats[0]))
+            yield k * self.config.block_rows, fold(weights, feats)
 
     def _inner(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """Per-checkpoint scores ``(Q, rows)`` from features: ``<g, g'>`` in feature space."""
@@ -219,99 +294,57 @@ class Run:
         a, d = np.asarray(feats[:, :split], np.float32), np.asarray(feats[:, split:], np.float32)
         return (d[:, :, None] * a[:, None, :]).reshape(len(feats), -1)
 
-    # --- analysis -----------------------------------------------------------------------------
-    def contrastive_self_influence(self, k: int = 10, *, lr_weighted: bool = True) -> np.ndarray:
-        """Self-influence minus the mean influence on the ``k`` nearest embedding neighbours.
+    def _advance(self, stage: str, rows: int) -> None:
+        if self.progress is not None:
+            self.progress(stage, rows, self.n_train)
 
-        ``s(z) = TracIn(z, z) - mean_{z' in kNN(z)} TracIn(z, z')``, neighbours by cosine of the
-        stored embeddings (``featurize(..., embedding_layer=...)``). A mislabelled example is
-        memorised (high self-influence) and its gradient opposes those of its correctly
-        labelled neighbours (negative influence on them); a rare but correct example helps its
-        neighbours. Ranks mislabelled data better than self-influence alone (docs/quality.md).
-        Holds the ``(N, C * dim)`` folded training vectors in memory.
-
-        Args:
-            k: neighbours per row.
-            lr_weighted: weight checkpoints by their lr (TracInCP); ``False`` gives every
-                checkpoint weight 1 (measured slightly better for mislabel detection).
-        """
-        from tracin._analysis import nearest_other_rows, neighbour_contrast
-
-        neighbours = nearest_other_rows(self.embeddings("train"), k)
-        weights = list(self.lrs) if lr_weighted else [1.0] * len(self.lrs)
-        si = lr_weighted_sum(zip(weights, self.self_influence_by_checkpoint(), strict=True))
-        vectors = np.concatenate([block for _, block in self.folded_blocks(weights)])
-        return neighbour_contrast(si, vectors, neighbours)
-
-    def embeddings(self, split: str = "train") -> np.ndarray:
-        """Stored ``embedding_layer`` activations of ``split``, shape ``(rows, width)``."""
-        return self.read_split(split, EMBEDDING)
-
-    def embedding_neighbors(
-        self, query: str | np.ndarray, k: int = 10
-    ) -> tuple[Neighbors, Neighbors]:
-        """Nearest and farthest training rows by cosine of embeddings: the baseline to TracIn.
-
-        Args:
-            query: a stored split name, or query embeddings ``(Q, width)``.
-            k: rows per query.
-        """
-        from tracin._analysis import embedding_neighbors
-
-        q = self.embeddings(query) if isinstance(query, str) else np.asarray(query)
-        return embedding_neighbors(q, self.embeddings("train"), k)
-
-    def cluster(
-        self, n_clusters: int = 8, rows: Any = None, *, method: str = "agglomerative", seed: int = 0
+    def _streamed(
+        self, query: Data | Batch | str, query_task: Task | None, relevance: Relevance = "tracin"
     ) -> np.ndarray:
-        """Cluster training rows by TracIn similarity; labels in ``0..n_clusters-1``.
-
-        Similarity is the cosine of ``concat_c sqrt(lr_c) f_c / ||f_c||`` (unit-normalised
-        gradients per checkpoint), distance ``1 - similarity``.
-
-        Args:
-            n_clusters: number of clusters.
-            rows: indices of the training rows to cluster (default: all).
-            method: ``"agglomerative"`` (average linkage on the distances) or ``"kmeans"``
-                (on the unit vectors; for many rows).
-            seed: k-means seed.
-        """
-        from tracin._analysis import cluster, similarity_vectors
-
-        if self.streaming:
+        if self._source is None or self._train_data is None:
             raise ConfigError(
-                "clustering needs stored features: featurize with a store or proj_dim=..."
+                "this store holds no training features, so queries stream the training "
+                "gradients again: reopen with tracin.open(path, model=..., task=..., "
+                "train_data=...), or featurize with keep_features=True or proj_dim=..."
             )
-        index = np.arange(self.n_train) if rows is None else np.asarray(rows, dtype=np.int64)
-        feats = [self._unfactor(self.read_split("train", c)[index]) for c in self.ckpt_ids]
-        return cluster(similarity_vectors(self.lrs, feats), n_clusters, method=method, seed=seed)
-
-    def _streamed(self, query: Data | Batch, query_task: Task | None) -> np.ndarray:
         source = self._need_source("streaming mode")
         qtask = _query_task(self.task, query_task)
         assert self.checkpoints is not None and self.task is not None
         task = self.task
+        weights = checkpoint_weights(self.lrs, relevance)
 
         def terms() -> Iterator[tuple[float, np.ndarray]]:
             assert self.checkpoints is not None
-            for checkpoint in self.checkpoints:
-                weights = source.weights(checkpoint)
-                q, _ = source.features(weights, checkpoint, qtask.query_score, query, "query")
+            for w, checkpoint in zip(weights, self.checkpoints, strict=True):
+                params = source.weights(checkpoint)
+                if isinstance(query, str):  # a stored query split (its features are stored)
+                    q = self._stored_split(query, checkpoint.id).to(_dtype(self.config.dtype))
+                else:
+                    q = source.features(params, checkpoint, qtask.query_score, query, "query")[0]
+                q = self._normalised(q, relevance, "query")
                 out = np.empty((q.shape[0], self.n_train), dtype=np.float64)
                 end = 0
-                for start, g in _train_batches(source, weights, task, self._train_data, checkpoint):
+                for start, g in _train_batches(source, params, task, self._train_data, checkpoint):
                     end = start + g.shape[0]
                     if end > self.n_train:
                         break
-                    out[:, start:end] = products(q, g).double().cpu().numpy()
+                    g = self._normalised(g, relevance, "train")
+                    out[:, start:end] = products(q.to(g), g).double().cpu().numpy()
+                    self._advance(f"score {checkpoint.id}", g.shape[0])
                 if end != self.n_train:
                     raise _changed(end, self.n_train)
-                yield checkpoint.lr, out
+                yield w, out
 
         with eval_mode(source.model):
             return lr_weighted_sum(terms())
 
-    def influence(self, query: Data | Batch | str, *, query_task: Task | None = None) -> np.ndarray:
+    def influence(
+        self,
+        query: Data | Batch | str,
+        *,
+        query_task: Task | None = None,
+        relevance: Relevance = "tracin",
+    ) -> np.ndarray:
         """TracInCP score of every training row on every query, shape ``(Q, N)``.
 
         Args:
@@ -320,43 +353,82 @@ class Run:
             query_task: task whose ``query_score`` is differentiated for the queries (default:
                 the run's task), e.g. ``ClassificationTask(query="prediction")`` for unlabelled
                 queries.
+            relevance: ``"tracin"`` (default: the raw TracInCP score), or ``"cosine"`` /
+                ``"relatif"`` for the normalised relevances that `neighbors` ranks by
+                (see `tracin._relevance`).
+
+        Raises:
+            ConfigError: an unknown ``relevance``, or a query the run cannot score.
         """
+        relevance = check_relevance(relevance)
         if self.streaming:
-            if isinstance(query, str):
-                raise ConfigError(f"query split {query!r}: this run has no store")
-            return self._streamed(query, query_task)
+            if isinstance(query, str) and (query == "train" or query not in self.split_rows):
+                raise ConfigError(
+                    f"query split {query!r}: this run stores no features for it; pass the query "
+                    "batch itself, or featurize it with queries={...}"
+                )
+            return self._streamed(query, query_task, relevance)
         q_feats = self.query_features(query, query_task)
         out = np.empty((q_feats[0].shape[0], self.n_train), dtype=np.float64)
-        for start, scores in self._score_blocks(q_feats):
+        for start, scores in self._score_blocks(q_feats, relevance):
             out[:, start : start + scores.shape[1]] = scores
         return out
 
     def neighbors(
-        self, query: Data | Batch | str, k: int = 10, *, query_task: Task | None = None
+        self,
+        query: Data | Batch | str,
+        k: int = 10,
+        *,
+        query_task: Task | None = None,
+        relevance: Relevance = "cosine",
     ) -> tuple[Neighbors, Neighbors]:
-        """Proponents and opponents from one pass: ``(proponents, opponents)``."""
+        """Proponents and opponents from one pass: ``(proponents, opponents)``.
+
+        Args:
+            query: as for `influence`.
+            k: rows per query.
+            query_task: as for `influence`.
+            relevance: how rows are ranked and what ``scores`` hold: ``"cosine"`` (default:
+                the lr-weighted mean cosine of per-checkpoint gradients, in ``[-1, 1]``; it
+                passes the identical-class and sub-class tests where the raw score fails,
+                docs/quality.md), ``"relatif"``, or ``"tracin"`` (the raw TracInCP score).
+
+        Raises:
+            ConfigError: bad ``k`` or ``relevance``.
+        """
         _check_k(k, self.n_train)
+        relevance = check_relevance(relevance)
         if self.streaming:
-            scores = self.influence(query, query_task=query_task)
+            scores = self.influence(query, query_task=query_task, relevance=relevance)
             return top_k(scores, k, largest=True), top_k(scores, k, largest=False)
         q_feats = self.query_features(query, query_task)
         best: dict[bool, Neighbors] = {}
-        for start, scores in self._score_blocks(q_feats):
+        for start, scores in self._score_blocks(q_feats, relevance):
             for largest in (True, False):
                 best[largest] = _update(best.get(largest), scores, start, k, largest)
         return best[True], best[False]
 
     def proponents(
-        self, query: Data | Batch | str, k: int = 10, *, query_task: Task | None = None
+        self,
+        query: Data | Batch | str,
+        k: int = 10,
+        *,
+        query_task: Task | None = None,
+        relevance: Relevance = "cosine",
     ) -> Neighbors:
-        """The ``k`` training rows with the largest scores on each query (helped it most)."""
-        return self.neighbors(query, k, query_task=query_task)[0]
+        """The ``k`` training rows most relevant to each query, in favour (see `neighbors`)."""
+        return self.neighbors(query, k, query_task=query_task, relevance=relevance)[0]
 
     def opponents(
-        self, query: Data | Batch | str, k: int = 10, *, query_task: Task | None = None
+        self,
+        query: Data | Batch | str,
+        k: int = 10,
+        *,
+        query_task: Task | None = None,
+        relevance: Relevance = "cosine",
     ) -> Neighbors:
-        """The ``k`` training rows with the most negative scores on each query (hurt it most)."""
-        return self.neighbors(query, k, query_task=query_task)[1]
+        """The ``k`` training rows most relevant to each query, against it (see `neighbors`)."""
+        return self.neighbors(query, k, query_task=query_task, relevance=relevance)[1]
 
 
 def _update(
@@ -412,3 +484,8 @@ def _changed(end: int, n: int) -> Exception:
 def _check_k(k: Any, n: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ConfigError(f"k={k!r} must be an integer between 1 and the {n} training rows")
+
+
+def _dtype(name: str) -> torch.dtype:
+    """The dtype scores of a ``name`` store are computed in: float32, or float64."""
+    return torch.float64 if name == "float64" else torch.float32
