@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EngineError",
+    "HookError",
     "TaskError",
     "TracInError",
     "TracInWarning",
@@ -39,6 +40,18 @@ class DataError(TracInError):
 
 class EngineError(ConfigError):
     """The chosen gradient engine cannot compute this model's per-example gradients exactly."""
+
+
+class HookError(EngineError, TaskError):
+    """A hooked layer cannot be computed by the factored engine on this model or batch.
+
+    Attributes:
+        params: the layer's parameter names; ``engine="auto"`` computes them another way.
+    """
+
+    def __init__(self, message: str, params: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.params = params
 
 
 class TracInWarning(UserWarning):

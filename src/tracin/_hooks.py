@@ -38,7 +38,7 @@ from tracin import _conv
 from tracin._aliases import call
 from tracin._batch import Batch, batch_size
 from tracin._engine import ExampleGradients, FunctionalEngine, ScoreFn, row_sqnorms
-from tracin._errors import ConfigError, TaskError
+from tracin._errors import ConfigError, HookError, TaskError
 from tracin._layers import (
     _acc,
     _Call,
@@ -56,6 +56,7 @@ from tracin._layers import (
     _rows,
     _sqnorm,
     modified_in_place,
+    own_calls_detached,
     supported_layers,
 )
 from tracin._loop import LoopEngine
@@ -173,16 +174,23 @@ class FactoredEngine:
         def model(*args: Any, **kwargs: Any) -> Any:
             return call(self.model, params, args, kwargs)
 
+        hooked = [n for layer in self.layers for n in layer.params()]
         for _ in range(2):  # a second pass copies what the model modified in place
-            with torch.enable_grad(), _capture(self.layers, batch_size(batch)):
+            with (
+                torch.enable_grad(),
+                own_calls_detached(self.layers),
+                _capture(self.layers, batch_size(batch)),
+            ):
                 out = score(model, batch)
                 if out.dim() != 1:
                     raise TaskError(f"score returned shape {tuple(out.shape)}; expected (B,)")
                 if modified_in_place(self.layers):
                     continue
                 outputs = [o for layer in self.layers for o in layer.outputs]
-                grads = torch.autograd.grad(out.sum(), outputs, allow_unused=True)
+                leaves = [params[n] for n in hooked]
+                grads = torch.autograd.grad(out.sum(), outputs + leaves, allow_unused=True)
                 break
+        _check_no_outside_use(hooked, grads[len(grads) - len(hooked) :], self.layers)
         result, i = [], 0
         for layer in self.layers:
             calls = []
@@ -194,7 +202,11 @@ class FactoredEngine:
             layer.outputs.clear()
             layer.versions.clear()
             if not calls:
-                raise TaskError(f"layer {layer.name!r} was not called by the model's forward pass")
+                raise HookError(
+                    f"layer {layer.name!r} was not called by the model's forward pass; its "
+                    "gradient is zero: leave it out of layers=[...] or use engine='auto'",
+                    layer.params(),
+                )
             result.append(calls)
         return result
 
@@ -218,6 +230,9 @@ class FactoredEngine:
                 sq += sum(row_sqnorms(g) for g in grads.values())
                 if _is_norm(layer):  # elementwise layers stay exact
                     kron.append(torch.cat(list(grads.values()), dim=1))
+                    continue
+                if self._sides(layer) == _layer_shape(layer):  # both sides exact: G itself
+                    kron.append(_conv_matrix(layer, grads))
                     continue
                 a_proj, d = self._conv_inputs(layer, calls, checkpoint)
                 kron.append(self._kron(layer, a_proj, d, checkpoint))
@@ -301,3 +316,39 @@ class FactoredEngine:
         if self._sides(layer)[0] < n_out:
             d = d @ self._matrix(checkpoint, layer.index, 1, n_out).to(d.dtype)
         return torch.bmm(d.transpose(1, 2), a_proj.to(d.dtype)).reshape(d.shape[0], -1)
+
+
+def _conv_matrix(layer: _Layer, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A convolution's exact gradient as the matrix ``G = [W, b]`` ``(out, in + 1)``, flattened.
+
+    The layout of ``sum_t d_t [a_t, 1]^T`` (the Kronecker features with both sides exact),
+    from the per-example gradients of one grouped convolution backward instead of unfolded
+    patches (faster on CPU, ``benchmarks/small_model_profile.py``).
+    """
+    weight = grads[layer.weight]
+    b, n_out = weight.shape[0], _layer_shape(layer)[0]
+    parts = [weight.reshape(b, n_out, -1)]
+    if layer.bias is not None:
+        parts.append(grads[layer.bias].reshape(b, n_out, 1).to(weight.dtype))
+    return torch.cat(parts, dim=2).reshape(b, -1)
+
+
+def _check_no_outside_use(
+    hooked: Sequence[str], grads: Sequence[torch.Tensor | None], layers: Sequence[_Layer]
+) -> None:
+    """Raise if a hooked parameter received a gradient outside its layer's own calls.
+
+    Raises:
+        HookError: naming the parameters; ``engine="auto"`` computes them with torch.func.
+    """
+    outside = [n for n, g in zip(hooked, grads, strict=True) if g is not None]
+    if outside:
+        owners = {n: layer for layer in layers for n in layer.params()}
+        bad = tuple(n for layer in {owners[n].name: owners[n] for n in outside}.values()
+                    for n in layer.params())  # fmt: skip
+        raise HookError(
+            f"parameters {list(outside)} are also used outside their layer's call (a tied "
+            "weight, or F.linear on another module's weight): the layer hooks would miss that "
+            "use. Pass engine='auto' (it computes them with torch.func) or engine='functional'",
+            bad,
+        )

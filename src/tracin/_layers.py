@@ -17,6 +17,7 @@ overflow at 65504).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from tracin import _bags, _conv
-from tracin._errors import TaskError
+from tracin._errors import HookError, TaskError
 
 
 @dataclass
@@ -45,6 +46,45 @@ class _Layer:
     versions: list[tuple[int, int]] = field(default_factory=list)
     clone: bool = False  # set once the model was seen to modify an input/output in place
 
+    def params(self) -> tuple[str, ...]:
+        """The layer's selected parameter names (weight, then bias if any)."""
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+
+@contextmanager
+def own_calls_detached(layers: Sequence[_Layer]) -> Iterator[None]:
+    """Inside each layer's own call, its parameters are leaves of their own.
+
+    The factored engine takes a hooked layer's gradient from the captured ``(a, d)``, never from
+    autograd; so with the layer's own calls given copies, any gradient that still reaches the
+    parameter comes from a use outside the layer's call (a weight tied to another module,
+    ``F.linear(h, emb.weight)``) that the hooks would miss. `FactoredEngine` asks autograd for
+    those gradients in the same backward: ``None`` (no such path) costs nothing.
+    """
+    handles: list[Any] = []
+    saved: list[dict[str, Any]] = []
+    for layer in layers:
+        attrs = tuple(n.rsplit(".", 1)[-1] for n in layer.params())
+
+        def pre(mod: nn.Module, args: Any, names: tuple[str, ...] = attrs) -> None:
+            own: dict[str, Any] = {a: mod._parameters.get(a) for a in names}
+            own = {a: t for a, t in own.items() if t is not None}
+            saved.append(own)
+            for a, tensor in own.items():  # a leaf of its own: the graph stays, apart
+                mod._parameters[a] = tensor.detach().requires_grad_(tensor.requires_grad)
+
+        def post(mod: nn.Module, args: Any, out: Any) -> None:
+            for a, tensor in saved.pop().items():
+                mod._parameters[a] = tensor
+
+        handles.append(layer.module.register_forward_pre_hook(pre, prepend=True))
+        handles.append(layer.module.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
 
 def _layer_shape(layer: _Layer) -> tuple[int, int]:
     """``(out, in)`` of the layer's gradient matrix ``G`` (bias column included in ``in``)."""
@@ -53,7 +93,7 @@ def _layer_shape(layer: _Layer) -> tuple[int, int]:
     if isinstance(layer.module, nn.Embedding | nn.EmbeddingBag) or _is_hf_conv1d(layer.module):
         bias = 1 if layer.bias is not None else 0  # G^T: (out, in) as d a^T
         return int(weight.shape[1]), int(weight.shape[0]) + bias
-    n_in = int(weight[0].numel()) + (1 if layer.bias is not None else 0)
+    n_in = math.prod(weight.shape[1:]) + (1 if layer.bias is not None else 0)  # no tensor op
     return int(weight.shape[0]), n_in
 
 
@@ -237,11 +277,12 @@ def _capture(layers: Sequence[_Layer], batch: int | None = None) -> Iterator[Non
             x = _input(mod, args, kwargs)
             if batch is not None and x.shape[0] != batch:
                 if x.shape[0] != 1 or out.shape[0] != 1:
-                    raise TaskError(
+                    raise HookError(
                         f"layer {lay.name!r} got input of shape {tuple(x.shape)} for a batch of "
                         f"{batch}: the factored engine needs batch-first inputs (one "
-                        "EmbeddingBag bag per example); use engine='functional' or leave the "
-                        "layer out of layers=[...]"
+                        "EmbeddingBag bag per example); use engine='auto' or 'functional', or "
+                        "leave the layer out of layers=[...]",
+                        lay.params(),
                     )
                 x = x.expand(batch, *x.shape[1:])
                 out = out.expand(batch, *out.shape[1:]).contiguous()

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from tracin._batch import Batch, batch_size, slice_batch
+from tracin._batch import Batch, batch_size, map_tensors, slice_batch
 from tracin._engine import ScoreFn, functional_model, row_sqnorms
 from tracin._errors import TaskError
 
@@ -66,8 +66,9 @@ class LoopEngine:
         model = functional_model(self.model, params)
         wrt = [params[n] for n in self.names]
         rows: list[list[torch.Tensor]] = [[] for _ in self.names]
+        n, distinct = batch_size(batch), _distinct_rows(batch)
         with torch.enable_grad():
-            for i in range(batch_size(batch)):
+            for i in range(distinct):
                 out = score(model, slice_batch(batch, i, i + 1))
                 if out.shape != (1,):
                     raise TaskError(
@@ -77,4 +78,17 @@ class LoopEngine:
                 grads = torch.autograd.grad(out[0], wrt, allow_unused=True)
                 for j, (g, p) in enumerate(zip(grads, wrt, strict=True)):
                     rows[j].append((torch.zeros_like(p) if g is None else g).reshape(-1))
-        return {n: torch.stack(r) for n, r in zip(self.names, rows, strict=True)}
+        for r in rows:  # a repeated last row (the padding of a short batch) is computed once
+            r.extend([r[-1]] * (n - distinct))
+        return {name: torch.stack(r) for name, r in zip(self.names, rows, strict=True)}
+
+
+def _distinct_rows(batch: Batch) -> int:
+    """How many leading rows to compute: the rest repeat the last of them exactly."""
+    leaves: list[torch.Tensor] = []
+    map_tensors(leaves.append, batch)
+    n = batch_size(batch)
+    last = n - 1
+    while last > 0 and all(torch.equal(t[last - 1], t[n - 1]) for t in leaves):
+        last -= 1
+    return last + 1

@@ -24,12 +24,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from tracin._batch import Batch, batch_size, slice_batch
 from tracin._engine import FeatureEngine, ScoreFn
-from tracin._errors import EngineError, TracInError, TracInWarning
+from tracin._errors import EngineError, HookError, TracInError, TracInWarning
 from tracin._loop import LoopEngine
 
 __all__ = [
@@ -107,6 +108,16 @@ def _hooked(engine: Any) -> set[str]:
     return {n for layer in getattr(inner, "layers", []) for n in (layer.weight, layer.bias) if n}
 
 
+def _inside_functional(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside a torch.func engine (not in the hooks)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(("_engine.py", "_loop.py")):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _gram(g: torch.Tensor) -> torch.Tensor:
     g = g.detach().to(torch.float64)
     return g @ g.T
@@ -154,9 +165,16 @@ def _attempt(
         engine = build(choice, False)
         sq_feats = engine.features(weights, score, rows, 0)[1]
         sq = engine.sqnorms(weights, score, rows)
+    except HookError as exc:  # a layer the hooks cannot do here: its parameters go elsewhere
+        return _Attempt(engine=build(choice, False), bad=dict.fromkeys(exc.params, np.inf),
+                        failure=exc)  # fmt: skip
     except TracInError:
         raise
-    except Exception as exc:  # torch.func or the hooks cannot run this model
+    except Exception as exc:  # torch.func (or the hooks) cannot run this model
+        if not _inside_functional(exc):  # the hooks failed: every hooked layer goes elsewhere
+            engine = build(choice, False)
+            return _Attempt(engine=engine, bad=dict.fromkeys(_hooked(engine), np.inf),
+                            failure=exc)  # fmt: skip
         return _Attempt(failure=exc)
     errors = _errors(ref, got)
     bad = {n: e for n, e in errors.items() if not e <= tol}
@@ -203,7 +221,15 @@ def verify_engine(
     choice, notices = EngineChoice(), []
     for _ in range(len(names) + 2):
         result = _attempt(build, choice, names, sizes, ref, weights, score, rows, tol)
-        if result.failure is not None:
+        if isinstance(result.failure, HookError) and engine_name != "auto":
+            raise result.failure
+        if result.failure is not None and result.bad and engine_name != "auto":
+            raise EngineError(
+                f"engine={engine_name!r} cannot compute {sorted(result.bad)[:5]} on this model: "
+                f"{_first_line(result.failure)}. Pass engine='auto' (it computes them another "
+                "way) or engine='loop'"
+            ) from result.failure
+        if result.failure is not None and not result.bad:
             where = failing_module(result.failure, model) or "the model"
             reason = f"{where} cannot be batched: {_first_line(result.failure)}"
             if engine_name != "auto" or choice.rest == "loop":
@@ -221,10 +247,13 @@ def verify_engine(
                 text = "; then ".join(notices)
                 warnings.warn(f"tracin engine 'auto': {text}", TracInWarning, stacklevel=4)
             return result.engine
+        assert result.bad is not None
         described = "; ".join(
             f"{n} (used by {', '.join(_users(model, n)) or 'no module'}; relative error {e:.2g})"
             for n, e in list(result.bad.items())[:5]
         )
+        if result.failure is not None:
+            described = f"{_first_line(result.failure)} ({sorted(result.bad)[:5]})"
         if engine_name != "auto":
             raise EngineError(
                 f"engine={engine_name!r} gets the per-example gradient wrong for {described}: a "
