@@ -13,6 +13,7 @@ exception fails. ``python tests/zoo.py`` prints the whole table.
 
 from __future__ import annotations
 
+import copy
 import numpy as np
 import pytest
 import torch
@@ -137,3 +138,20 @@ def test_stored_float16_kronecker_self_influence_is_exact(name: str, tmp_path: o
     _check(name, si, built.self_influence, 1e-6, "stored self_influence")
     reopened = tracin.open(tmp_path)  # type: ignore[arg-type]
     _check(name, np.asarray(reopened.self_influence()), built.self_influence, 1e-6, "reopened")
+
+
+BATCH_SIZE_CASES = [c.name for c in zoo.CASES if not c.needs and c.dtype == torch.float64]
+
+
+@pytest.mark.parametrize("name", BATCH_SIZE_CASES)
+def test_float32_batch_sizes_agree_to_rounding(name: str) -> None:
+    """README's determinism promise across batch sizes: float rounding (1e-5), not bits."""
+    case, built = zoo.BY_NAME[name], zoo.setup(name)
+    model = copy.deepcopy(built.model).float()  # the cached setup stays float64
+    states = [{k: v.float() if v.is_floating_point() else v for k, v in s.items()}
+              for s in built.states]  # fmt: skip
+    train = zoo._cast(built.train, torch.float32)
+    ckpts = tracin.Checkpoints.from_state_dicts(states, lr=list(zoo.LRS))
+    runs = [tracin.featurize(model, case.task(), ckpts, train, batch_size=bs).self_influence()
+            for bs in (5, 64)]  # fmt: skip
+    assert zoo.rel_error(np.asarray(runs[0]), np.asarray(runs[1])) <= 1e-5
