@@ -14,6 +14,7 @@ exception fails. ``python tests/zoo.py`` prints the whole table.
 from __future__ import annotations
 
 import copy
+
 import numpy as np
 import pytest
 import torch
