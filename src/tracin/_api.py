@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,12 @@ from tracin._checkpoints import Checkpoint, Checkpoints
 from tracin._engine import functional_model
 from tracin._errors import ConfigError, DataError
 from tracin._featurize import (
-    GradientSource,
     RunConfig,
     count_rows,
     data_fingerprint,
     device_of,
     effective_projection,
     make_engine,
-    model_errors,
     model_fingerprint,
 )
 from tracin._hooks import FactoredEngine
@@ -43,10 +41,19 @@ from tracin._manifest import check_schema, ckpt_entry, reconcile, task_fingerpri
 from tracin._params import eval_mode, select_parameters, unwrap_model
 from tracin._projection import ProjectionConfig
 from tracin._run import Run
-from tracin._store import SCHEMA_VERSION, FeatureStore, StoreError
+from tracin._source import GradientSource, model_errors
+from tracin._store import (
+    KEEP_DIM,
+    SCHEMA_VERSION,
+    FeatureStore,
+    StoreError,
+    StorePlan,
+    check_store_args,
+    resolve_keep_features,
+)
 from tracin._task import Task, check_task
 
-__all__ = ["featurize", "open"]
+__all__ = ["KEEP_DIM", "featurize", "open"]
 
 
 def _check_model_and_task(model: Any, task: Any, query_task: Any = None) -> None:
@@ -101,6 +108,9 @@ def featurize(
     overwrite: bool = False,
     progress: Any = None,
     precondition: str | None = None,
+    keep_features: bool | None = None,
+    max_store_gb: float | None = 4.0,
+    on_plan: Callable[[StorePlan], None] | None = None,
 ) -> Run:
     """Take training gradients at every checkpoint and return a `Run` to query.
 
@@ -108,6 +118,17 @@ def featurize(
     passes stream exact gradients. With a store directory (or a projection), features are
     written in blocks; a rerun after a crash computes only the missing blocks, and new rows or
     checkpoints are added without recomputing what is there.
+
+    What a store keeps is what its questions need. Self-influence needs only the exact squared
+    norms ``(C, N)``, which every store holds. Influence on a stored query split needs that
+    split's features ``(Q, dim)`` per checkpoint plus the training gradients, either stored
+    (``N x C x dim`` values: projected runs, and exact runs no wider than `KEEP_DIM`) or
+    streamed again through the model (the default for a wider exact run:
+    ``run.influence("test")`` works on the returned run, and on ``tracin.open(path,
+    model=..., task=..., train_data=...)``). Storing the query-by-train score matrix instead
+    would be smaller still for few queries, but it would fix the queries and relevance at
+    featurize time. Before writing, featurize states the store's size (``on_plan``) and
+    refuses one whose features exceed ``max_store_gb``.
 
     Args:
         model: the network, architecture only; weights come from each checkpoint. It is left
@@ -139,7 +160,18 @@ def featurize(
     store's blocks are split across ranks (rank ``r`` computes blocks ``r, r + W, ...``); every
     rank returns the complete run, identical to a single-process one.
         progress: optional callback ``progress(stage, advance, total)``: ``advance`` more rows of
-            ``total`` are done in ``stage`` (e.g. ``"train ckpt_3"``); the CLI draws bars with it.
+            ``total`` are done in ``stage`` (e.g. ``"train 3"`` for checkpoint id 3, ``"test 3"``,
+            ``"train embeddings"``), called after every batch (and once for rows a resumed
+            store already holds); the CLI draws bars with it. The returned run calls it during
+            its scoring passes too (`Run.progress`).
+        keep_features: store the training split's features. Default: when projected, or when
+            the exact gradient has at most `KEEP_DIM` (4,096) values (e.g. ``layers=["fc.bias"]``);
+            a wider exact run stores only squared norms. Query splits always store theirs.
+        max_store_gb: refuse to write a store whose features exceed this many GB (10^9 bytes;
+            default 4). ``None`` lifts the limit.
+        on_plan: called once with the `StorePlan` (rows x checkpoints x dim x bytes per split)
+            when the store's configuration has been checked, before any block is written; the
+            CLI prints it. (The budget is checked before the store is opened at all.)
 
     Raises:
         TracInError: for any bad input, with the value and the fix in the message.
@@ -157,8 +189,11 @@ def featurize(
     if not isinstance(overwrite, bool | np.bool_):
         raise ConfigError(f"overwrite={overwrite!r} must be True or False")
     proj = effective_projection(model, names, proj)
+    check_store_args(keep_features, max_store_gb, on_plan)
     config = RunConfig(names, proj, dtype, block_rows, batch_size, engine, precondition)
     feature_engine = make_engine(model, config, checkpoints=checkpoints)
+    keep = resolve_keep_features(keep_features, proj.kind, feature_engine.dim())
+    config = dataclasses.replace(config, keep_features=keep)
     if isinstance(feature_engine, FactoredEngine) and proj.kind == "last_layer":
         proj = dataclasses.replace(proj, split=feature_engine.split())
         config = dataclasses.replace(config, projection=proj)
@@ -177,8 +212,11 @@ def featurize(
             splits[name] = (data, qtask.query_score)
         if root is None and proj.kind == "identity":
             sq = _stream_sqnorms(source, task, checkpoints, train_data, n_train, progress)
-            _embed(source, feature_store, splits, checkpoints, embedding_layer, config)
-            return Run(store=feature_store, streaming=True, sqnorms=sq, **common)
+            _embed(source, feature_store, splits, checkpoints, embedding_layer, config,
+                   progress=progress)  # fmt: skip
+            run = Run(store=feature_store, streaming=True, sqnorms=sq, **common)
+            run.progress = progress
+            return run
         manifest: dict[str, Any] = {
             "schema": SCHEMA_VERSION, "tracin_version": tracin.__version__,
             "config": config.to_json(), "model": model_fingerprint(model),
@@ -191,8 +229,12 @@ def featurize(
                        for name, (d, _) in splits.items()},
         }  # fmt: skip
         shard = _shard()
+        plan = _plan(manifest, source, len(checkpoints), config)
+        plan.check(max_store_gb, proj.kind == "identity")  # before the store is touched
         with _writer_lock(root, shard):  # one featurize job per store; released on any exit
             reconcile(feature_store, manifest, overwrite, owner=shard[0] == 0)
+            if on_plan is not None and shard[0] == 0 and root is not None:
+                on_plan(plan)
             _barrier(shard)  # every rank has checked the store before rank 0 changes it
             if shard[0] == 0:
                 feature_store.remove_temp_files()
@@ -202,10 +244,25 @@ def featurize(
                 n_rows = int(manifest["splits"][name]["n_rows"])
                 source.fill(feature_store, name, checkpoints, score, data, n_rows, config,
                             progress, shard)  # fmt: skip
-            _embed(source, feature_store, splits, checkpoints, embedding_layer, config, shard)
+            _embed(source, feature_store, splits, checkpoints, embedding_layer, config, shard,
+                   progress)  # fmt: skip
             _barrier(shard)  # the store is complete on every rank
     split_rows = {k: int(v["n_rows"]) for k, v in manifest["splits"].items()}
-    return Run(store=feature_store, split_rows=split_rows, **common)
+    run = Run(store=feature_store, split_rows=split_rows, streaming=not keep, **common)
+    run.progress = progress
+    return run
+
+
+def _plan(
+    manifest: dict[str, Any], source: GradientSource, n_ckpts: int, config: RunConfig
+) -> StorePlan:
+    """What the store will hold: each split's rows, and its feature dim (0: norms only)."""
+    dim = source.engine.dim()
+    splits = tuple(
+        (name, int(info["n_rows"]), dim if config.keep_features or name != "train" else 0)
+        for name, info in manifest["splits"].items()
+    )
+    return StorePlan(splits, n_ckpts, np.dtype(config.dtype).itemsize)
 
 
 def _embed(
@@ -216,13 +273,15 @@ def _embed(
     layer: str | None,
     config: RunConfig,
     shard: tuple[int, int] = (0, 1),
+    progress: Any = None,
 ) -> None:
     """Store every split's ``layer`` activations at the last checkpoint (the final model)."""
     if layer is None:
         return
     for name, (data, score) in splits.items():
         n_rows = count_rows(data, config.batch_size)
-        source.embed(store, name, checkpoints[-1], layer, score, data, n_rows, config, shard)
+        source.embed(store, name, checkpoints[-1], layer, score, data, n_rows, config, shard,
+                     progress)  # fmt: skip
 
 
 def _shard() -> tuple[int, int]:
@@ -283,12 +342,16 @@ def open(
     checkpoints: Checkpoints | None = None,
     batch_size: int = 64,
     engine: str = "auto",
+    train_data: Data | None = None,
 ) -> Run:
     """Reopen a store written by `featurize`.
 
     Without a model, everything stored is available: self-influence, and influence,
     proponents and opponents of stored query splits. With ``model`` and ``task`` (and
     ``checkpoints`` when the store's checkpoints were in memory), new query batches work too.
+    A store without training features (an exact run, ``keep_features=False``) answers
+    self-influence alone; its queries stream the training gradients again and need
+    ``model``, ``task`` and ``train_data`` (the data featurized).
     """
     model = None if model is None else unwrap_model(model)
     root = store_path(path, "path", create=False)
@@ -300,8 +363,9 @@ def open(
     check_schema(root, manifest, writing=False)
     cfg = manifest["config"]
     proj = ProjectionConfig(**cfg["projection"])
+    keep = bool(cfg.get("keep_features", True))
     config = RunConfig(tuple(cfg["parameters"]), proj, cfg["dtype"], cfg["block_rows"], batch_size,
-                       engine, cfg.get("precondition"))  # fmt: skip
+                       engine, cfg.get("precondition"), keep)  # fmt: skip
     entries = manifest["checkpoints"]
     source = None
     if model is not None:
@@ -326,6 +390,6 @@ def open(
     return Run(
         config=config, ckpt_ids=tuple(e["id"] for e in entries),
         lrs=tuple(float(e["lr"]) for e in entries), n_train=manifest["splits"]["train"]["n_rows"],
-        store=store, source=source, task=task, checkpoints=checkpoints,
-        split_rows={k: int(v["n_rows"]) for k, v in manifest["splits"].items()},
+        store=store, source=source, task=task, checkpoints=checkpoints, train_data=train_data,
+        split_rows={k: int(v["n_rows"]) for k, v in manifest["splits"].items()}, streaming=not keep,
     )  # fmt: skip

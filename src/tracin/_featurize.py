@@ -8,57 +8,46 @@ is already complete is skipped, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
-from typing import Any, TypeVar
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tracin._batch import (
-    Batch,
-    Data,
-    batch_size,
-    iter_batches,
-    map_tensors,
-    pad_rows,
-    slice_batch,
-)
-from tracin._checkpoints import Checkpoint, Checkpoints
+from tracin._batch import Batch, Data, batch_size, iter_batches, map_tensors, slice_batch
+from tracin._checkpoints import Checkpoint
 from tracin._engine import (
     ExampleGradients,
     FeatureEngine,
     FunctionalEngine,
     FunctionalFeatures,
     ScoreFn,
-    functional_model,
 )
-from tracin._errors import ConfigError, DataError, EngineError, TaskError, TracInError
+from tracin._errors import ConfigError, DataError
 from tracin._hooks import FactoredEngine, supported_layers
 from tracin._loop import LoopEngine
-from tracin._params import fit_state
 from tracin._precondition import PreconditionedFeatures, check_scaling, needs_group_scaling
-from tracin._projection import ProjectionConfig, Projector, checkpoint_key, make_projector
-from tracin._selfcheck import EngineChoice, engine_failure_hint, failing_module, verify_engine
-from tracin._store import EMBEDDING, FeatureStore
+from tracin._projection import ProjectionConfig, Projector, make_projector
+from tracin._selfcheck import EngineChoice
+from tracin._store import FeatureStore
 
 __all__ = [
     "ENGINES",
-    "GradientSource",
+    "IDENTITY",
+    "block_pieces",
+    "block_sizes",
     "RunConfig",
     "count_rows",
     "data_fingerprint",
     "device_of",
     "effective_projection",
     "make_engine",
-    "model_errors",
+    "missing_blocks",
     "model_fingerprint",
+    "rows_in",
 ]
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,6 +63,8 @@ class RunConfig:
         engine: ``"functional"`` (torch.func), ``"factored"`` (layer hooks) or ``"auto"``.
         precondition: ``None``, or ``"adam"`` to scale gradients by each checkpoint's Adam
             second moment (see `tracin._precondition`).
+        keep_features: whether the training split's features are stored; ``False`` stores
+            only its exact squared norms (query splits always keep their features).
     """
 
     parameters: tuple[str, ...]
@@ -83,12 +74,19 @@ class RunConfig:
     batch_size: int
     engine: str = "auto"
     precondition: str | None = None
+    keep_features: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        """The comparable part of the configuration (batch size does not change results)."""
+        """The comparable part of the configuration (batch size does not change results).
+
+        ``keep_features`` appears only when ``False``, so stores written before it existed
+        (which all kept their features) compare equal.
+        """
         out = asdict(self)
         out["parameters"] = list(self.parameters)
         del out["batch_size"], out["engine"]
+        if self.keep_features:
+            del out["keep_features"]
         return out
 
 
@@ -142,7 +140,7 @@ def make_engine(
     if factored:
         own = proj.kind in ("identity", "kronecker", "last_layer")
         engine = FactoredEngine(
-            model, names, proj if own else _IDENTITY, exclude=choice.exclude, rest=choice.rest
+            model, names, proj if own else IDENTITY, exclude=choice.exclude, rest=choice.rest
         )
         if own:
             return engine
@@ -168,7 +166,8 @@ def effective_projection(
     return proj
 
 
-_IDENTITY = ProjectionConfig()
+IDENTITY = ProjectionConfig()
+"""No projection: the exact gradient."""
 
 
 def _sizes(model: nn.Module, names: tuple[str, ...]) -> list[int]:
@@ -237,262 +236,7 @@ def count_rows(data: Data | Batch, size: int) -> int:
         return sum(batch_size(b) for b in iter_batches(data, size))
 
 
-@contextmanager
-def model_errors(
-    stage: str, start: int, n: int, ckpt_id: str, model: nn.Module | None = None
-) -> Iterator[None]:
-    """Turn an exception from inside the user's model or task into one tracin error.
-
-    A `TracInError` passes through. A failure that ``torch.func`` causes becomes an
-    `EngineError` naming the module and the engine that works; any other failure on the first
-    rows (``start == 0``) inside a module is most likely the model's or the task's (wrong arity,
-    the batch laid out differently from what the task expects): a `TaskError` naming the module
-    (outside any module, e.g. a label out of range in the loss, a `DataError`); on later rows the
-    first rows worked, so the data is the likely cause: a `DataError` naming the rows.
-    """
-    try:
-        yield
-    except TracInError:
-        raise
-    except Exception as exc:
-        where = None if model is None else failing_module(exc, model)
-        place = f" in module {where}" if where else ""
-        text = str(exc).strip()
-        first = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-        rows = f"{stage} rows {start}..{start + n - 1} at checkpoint {ckpt_id!r}"
-        if engine_failure_hint(exc):
-            raise EngineError(
-                f"torch.func cannot batch the model{place} ({first}) on {rows}. Pass "
-                "engine='loop' (one backward per example: slow, exact) or engine='auto'"
-            ) from exc
-        if start == 0:
-            kind = TaskError if where else DataError  # inside a module, or in the task's code
-            raise kind(
-                f"the model or task failed{place} on the first {stage} rows at checkpoint "
-                f"{ckpt_id!r}: {first}. Check the rows' shapes, dtypes and label range, that the "
-                "model runs on one batch outside tracin, and that the task's inputs=/labels=/"
-                "output= match the batch layout"
-            ) from exc
-        raise DataError(
-            f"the model or task failed{place} on {rows}: {first}. The first rows worked, so "
-            "check those rows' shapes, dtypes and label range against the training data the "
-            "model was built for"
-        ) from exc
-
-
-def _check_finite(ok: torch.Tensor, stage: str, start: int, ckpt_id: str) -> None:
-    """Raise naming the rows (offset by ``start``) whose gradients are not finite."""
-    if bool((~ok).any()):
-        rows = (torch.nonzero(~ok).flatten() + start).tolist()
-        raise DataError(
-            f"non-finite gradients for {stage} rows {rows[:10]} at checkpoint {ckpt_id!r}; "
-            "check those examples (NaN/inf inputs or labels) or the checkpoint's weights"
-        )
-
-
-def _finite_rows(feats: torch.Tensor) -> torch.Tensor:
-    """Which rows hold only finite values: one pass (a row sum) unless one is suspect."""
-    ok = torch.isfinite(feats.sum(dim=1))  # NaN and inf propagate; an overflow is re-checked
-    if bool(ok.all()):
-        return ok
-    return torch.isfinite(feats).all(dim=1)
-
-
-class GradientSource:
-    """Per-example features of a model at its checkpoints.
-
-    Args:
-        model: the network (eval mode is the caller's business).
-        engine: computes features and exact squared norms per batch.
-        batch_size: rows per gradient batch.
-        config: when given (and the run is not preconditioned), the engine is verified on the
-            first batch it sees (`tracin._selfcheck.verify_engine`) and replaced by one that is
-            right if ``config.engine`` is ``"auto"``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        engine: FeatureEngine,
-        batch_size: int,
-        config: RunConfig | None = None,
-    ) -> None:
-        self.model = model
-        self.engine = engine
-        self.batch_size = batch_size
-        self.config = config
-        # the loop engine is the reference; scaled gradients are not the reference's
-        self._verified = config is None or config.engine == "loop"
-        self._verified = self._verified or isinstance(engine, PreconditionedFeatures)
-
-    def _verify(self, weights: dict[str, torch.Tensor], score: ScoreFn, batch: Batch) -> None:
-        """Check the engine once, on the first batch (`tracin._selfcheck`)."""
-        if self._verified or self.config is None:
-            return
-        config = self.config
-
-        def build(choice: EngineChoice, exact: bool) -> FeatureEngine:
-            if exact:
-                return make_engine(self.model, replace(config, projection=_IDENTITY), choice)
-            return make_engine(self.model, config, choice)
-
-        self.engine = verify_engine(
-            self.model, config.engine, config.parameters, build, weights, score, batch
-        )
-        self._verified = True
-
-    def weights(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-        """The checkpoint's tensors, fitted to the model (with its preconditioner, if any)."""
-        weights = fit_state(self.model, checkpoint.state_dict(), repr(checkpoint.id))
-        if isinstance(self.engine, PreconditionedFeatures):
-            return self.engine.bind_checkpoint(weights, checkpoint)
-        return weights
-
-    def _padded(
-        self, batch: Batch, stage: str, start: int, checkpoint: Checkpoint, fn: Callable[[Batch], T]
-    ) -> tuple[int, T]:
-        """``fn`` on ``batch`` moved to the model's device and padded (`pad_rows`); its row count.
-
-        Errors raised inside name the rows and the checkpoint.
-        """
-        batch, n = pad_rows(map_tensors(lambda t: t.to(device_of(self.model)), batch))
-        with model_errors(stage, start, n, checkpoint.id, self.model):
-            return n, fn(batch)
-
-    def batch_features(
-        self,
-        weights: dict[str, torch.Tensor],
-        score: ScoreFn,
-        batch: Batch,
-        checkpoint: Checkpoint,
-        start: int,
-        stage: str,
-    ) -> tuple[torch.Tensor, np.ndarray]:
-        """Features ``(B, dim)`` and squared norms of one batch; non-finite rows are an error."""
-        key = checkpoint_key(checkpoint.id)
-
-        def compute(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-            self._verify(weights, score, b)
-            return self.engine.features(weights, score, b, key)
-
-        n, (feats, sq) = self._padded(batch, stage, start, checkpoint, compute)
-        feats, sq = feats[:n], sq[:n]
-        _check_finite(_finite_rows(feats) & torch.isfinite(sq), stage, start, checkpoint.id)
-        return feats.detach(), sq.detach().cpu().numpy()
-
-    def batch_sqnorms(
-        self,
-        weights: dict[str, torch.Tensor],
-        score: ScoreFn,
-        batch: Batch,
-        checkpoint: Checkpoint,
-        start: int,
-    ) -> np.ndarray:
-        """Exact squared gradient norms of one batch (no features formed)."""
-
-        def compute(b: Batch) -> torch.Tensor:
-            self._verify(weights, score, b)
-            return self.engine.sqnorms(weights, score, b)
-
-        n, sq = self._padded(batch, "train", start, checkpoint, compute)
-        sq = sq[:n]
-        _check_finite(torch.isfinite(sq), "train", start, checkpoint.id)
-        return sq.detach().cpu().numpy()
-
-    def features(
-        self,
-        weights: dict[str, torch.Tensor],
-        checkpoint: Checkpoint,
-        score: ScoreFn,
-        data: Data | Batch,
-        stage: str,
-    ) -> tuple[torch.Tensor, np.ndarray]:
-        """Features ``(Q, dim)`` and exact squared norms ``(Q,)`` of every row of ``data``."""
-        feats, norms, start = [], [], 0
-        for batch in iter_batches(data, self.batch_size):
-            f, sq = self.batch_features(weights, score, batch, checkpoint, start, stage)
-            feats.append(f)
-            norms.append(sq)
-            start += f.shape[0]
-        if not feats:
-            raise DataError(f"the {stage} data is empty")
-        return torch.cat(feats), np.concatenate(norms)
-
-    def fill(
-        self,
-        store: FeatureStore,
-        split: str,
-        checkpoints: Checkpoints,
-        score: ScoreFn,
-        data: Data | Batch,
-        n_rows: int,
-        config: RunConfig,
-        progress: Any = None,
-        shard: tuple[int, int] = (0, 1),
-    ) -> None:
-        """Compute every missing block of ``split`` for every checkpoint and write it.
-
-        With ``shard=(rank, world)``, only blocks ``rank, rank + world, ...`` are computed.
-        """
-        for checkpoint in checkpoints:
-            todo = _missing(store, split, checkpoint.id, n_rows, config.block_rows, shard)
-            if not todo:
-                continue
-            weights = self.weights(checkpoint)
-
-            def compute(
-                piece: Batch, start: int, c: Checkpoint = checkpoint, w: Any = weights
-            ) -> Any:
-                return self.batch_features(w, score, piece, c, start, split)
-
-            _write_blocks(store, split, checkpoint.id, todo, data, n_rows, config, compute,
-                          self.batch_size, progress)  # fmt: skip
-
-    def embed(
-        self,
-        store: FeatureStore,
-        split: str,
-        checkpoint: Checkpoint,
-        layer: str,
-        score: ScoreFn,
-        data: Data | Batch,
-        n_rows: int,
-        config: RunConfig,
-        shard: tuple[int, int] = (0, 1),
-    ) -> None:
-        """Store the output of module ``layer`` (flattened per example) at ``checkpoint``."""
-        todo = _missing(store, split, EMBEDDING, n_rows, config.block_rows, shard)
-        if not todo:
-            return
-        module = dict(self.model.named_modules()).get(layer)
-        if module is None:
-            names = [n for n, _ in self.model.named_modules() if n]
-            raise ConfigError(
-                f"embedding_layer={layer!r} is not a module of the model: {names[:20]}"
-            )
-        weights = self.weights(checkpoint)
-        captured: list[torch.Tensor] = []
-
-        def hook(mod: nn.Module, args: Any, out: Any) -> None:
-            captured.append(out.detach().flatten(1).double())
-
-        def compute(piece: Batch, start: int) -> tuple[torch.Tensor, np.ndarray]:
-            captured.clear()
-            piece, n = pad_rows(map_tensors(lambda t: t.to(device_of(self.model)), piece))
-            with torch.no_grad():
-                score(functional_model(self.model, weights), piece)
-            emb = captured[-1][:n]
-            return emb, emb.pow(2).sum(1).cpu().numpy()
-
-        handle = module.register_forward_hook(hook)
-        try:
-            _write_blocks(store, split, EMBEDDING, todo, data, n_rows, config, compute,
-                          self.batch_size, None)  # fmt: skip
-        finally:
-            handle.remove()
-
-
-def _missing(
+def missing_blocks(
     store: FeatureStore,
     split: str,
     key: str,
@@ -500,8 +244,9 @@ def _missing(
     block_rows: int,
     shard: tuple[int, int] = (0, 1),
 ) -> list[int]:
+    """Blocks of ``split`` under ``key`` that are absent or invalid (those of ``shard`` only)."""
     rank, world = shard
-    rows_of = _block_sizes(n_rows, block_rows)
+    rows_of = block_sizes(n_rows, block_rows)
     return [
         k
         for k, rows in enumerate(rows_of)
@@ -509,45 +254,17 @@ def _missing(
     ]
 
 
-def _write_blocks(
-    store: FeatureStore,
-    split: str,
-    key: str,
-    todo: list[int],
-    data: Data | Batch,
-    n_rows: int,
-    config: RunConfig,
-    compute: Any,
-    size: int,
-    progress: Any,
-) -> None:
-    """Compute and write blocks ``todo`` of ``split``; ``compute(piece, start) -> (f, sq)``."""
-    rows_of = _block_sizes(n_rows, config.block_rows)
-    dtype = np.dtype(config.dtype)
-    for k, pieces in _block_pieces(data, todo, config.block_rows, n_rows, size):
-        feats, norms = [], []
-        start = k * config.block_rows
-        for piece in pieces:
-            f, sq = compute(piece, start)
-            feats.append(f.cpu().numpy().astype(dtype))
-            norms.append(sq)
-            start += f.shape[0]
-        block = np.concatenate(feats)
-        if len(block) != rows_of[k]:
-            raise DataError(
-                f"{split} block {k} has {len(block)} rows, expected {rows_of[k]}: the data "
-                "changed length while featurizing"
-            )
-        store.write_block(split, key, k, block, np.concatenate(norms))
-        if progress is not None:
-            progress(f"{split} {key}", len(block), n_rows)
+def rows_in(blocks: list[int], n_rows: int, block_rows: int) -> int:
+    """Rows the given blocks hold."""
+    return sum(min(block_rows, n_rows - k * block_rows) for k in blocks)
 
 
-def _block_sizes(n_rows: int, block_rows: int) -> list[int]:
+def block_sizes(n_rows: int, block_rows: int) -> list[int]:
+    """Rows of each block of a split of ``n_rows`` rows."""
     return [min(block_rows, n_rows - s) for s in range(0, n_rows, block_rows)]
 
 
-def _block_pieces(
+def block_pieces(
     data: Data | Batch, todo: list[int], block_rows: int, n_rows: int, size: int
 ) -> Iterator[tuple[int, Iterator[Batch]]]:
     """``(block, batches of its rows)`` for each block in ``todo``, in order.
@@ -580,3 +297,12 @@ def _block_pieces(
         offset += n
     if current is not None and buffer:
         yield current, iter(buffer)
+
+
+def __getattr__(name: str) -> Any:
+    """``GradientSource`` and ``model_errors`` moved to `tracin._source`; still importable here."""
+    if name in ("GradientSource", "model_errors"):
+        from tracin import _source
+
+        return getattr(_source, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,20 +23,25 @@ import io
 import json
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tracin._errors import TracInError
+from tracin._errors import ConfigError, TracInError
 
 __all__ = [
     "EMBEDDING",
+    "KEEP_DIM",
     "SCHEMA_VERSION",
     "FeatureStore",
     "StoreError",
+    "StorePlan",
     "atomic_write",
+    "check_store_args",
     "not_writable",
+    "resolve_keep_features",
 ]
 
 SCHEMA_VERSION = 2
@@ -47,6 +52,92 @@ EMBEDDING = "__embedding__"
 
 class StoreError(TracInError):
     """The store on disk is missing, corrupted, or was written with another configuration."""
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    """The size of what featurize writes: per split, rows x checkpoints x dim x bytes.
+
+    Attributes:
+        splits: ``(split, rows, dim)`` per split; ``dim`` 0 for a split that keeps only its
+            squared norms (the training split of an exact run, unless ``keep_features``).
+        checkpoints: number of checkpoints.
+        itemsize: bytes per stored feature (4 for float32, 2 for float16, 8 for float64).
+    """
+
+    splits: tuple[tuple[str, int, int], ...]
+    checkpoints: int
+    itemsize: int
+
+    @property
+    def feature_bytes(self) -> int:
+        """Bytes of features: ``sum over splits of rows x checkpoints x dim x itemsize``."""
+        return sum(rows * self.checkpoints * dim * self.itemsize for _, rows, dim in self.splits)
+
+    @property
+    def total_bytes(self) -> int:
+        """Features plus the float64 squared norms (8 bytes per row and checkpoint)."""
+        return self.feature_bytes + sum(rows * self.checkpoints * 8 for _, rows, _ in self.splits)
+
+    def describe(self) -> str:
+        """One line, e.g. ``train 4,000 rows x 2 checkpoints x 47,210 dims x 4 B = 1.51 GB``."""
+        parts = []
+        for split, rows, dim in self.splits:
+            size = rows * self.checkpoints * dim * self.itemsize
+            what = f"{dim:,} dims x {self.itemsize} B = {_gb(size)}" if dim else "norms only"
+            parts.append(f"{split} {rows:,} rows x {self.checkpoints} checkpoints x {what}")
+        return "; ".join(parts) + f"; total {_gb(self.total_bytes)} with squared norms"
+
+    def check(self, max_store_gb: float | None, exact: bool) -> None:
+        """Refuse a store whose features exceed ``max_store_gb`` (``None``: no limit).
+
+        Raises:
+            ConfigError: the features would take more than ``max_store_gb`` GB (10^9 bytes),
+                naming the sizes and the fixes (projection, the budget, ``keep_features``).
+        """
+        if max_store_gb is None or self.feature_bytes <= max_store_gb * 1e9:
+            return
+        drop = ", or pass keep_features=False (self-influence needs only the squared norms)"
+        raise ConfigError(
+            f"the store would hold {_gb(self.feature_bytes)} of features ({self.describe()}), "
+            f"past max_store_gb={max_store_gb:g}. Project the gradients with proj_dim=1024, "
+            f'projection="kronecker" (per layer, small and fast){drop if exact else ""}, or '
+            "raise max_store_gb= if you mean it"
+        )
+
+
+KEEP_DIM = 4096
+"""An exact run keeps its training features by default only up to this many per row."""
+
+
+def check_store_args(keep: Any, max_store_gb: Any, on_plan: Any) -> None:
+    """Refuse bad ``keep_features``, ``max_store_gb`` or ``on_plan`` arguments of featurize."""
+    if keep is not None and not isinstance(keep, bool | np.bool_):
+        raise ConfigError(f"keep_features={keep!r} must be True, False or None (the default)")
+    ok = isinstance(max_store_gb, int | float) and not isinstance(max_store_gb, bool)
+    if max_store_gb is not None and not (ok and max_store_gb > 0):
+        raise ConfigError(
+            f"max_store_gb={max_store_gb!r} must be a positive number of GB, or None for no limit"
+        )
+    if on_plan is not None and not callable(on_plan):
+        raise ConfigError(f"on_plan={on_plan!r} must be None or a function on_plan(plan)")
+
+
+def resolve_keep_features(keep: bool | None, kind: str, dim: int) -> bool:
+    """``keep_features`` resolved: projected features always, exact ones up to `KEEP_DIM`.
+
+    Args:
+        keep: the user's choice, or ``None`` for the default.
+        kind: the projection's kind (``"identity"``: exact gradients).
+        dim: feature dimension per checkpoint.
+    """
+    if keep is not None:
+        return bool(keep)
+    return kind != "identity" or dim <= KEEP_DIM
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e7 else f"{size / 1e6:.2f} MB"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
