@@ -30,6 +30,7 @@ from tracin._errors import (
     TracInWarning,
 )
 from tracin._ideal import TracInIdeal
+from tracin._predicted import PredictedClassTask
 from tracin._index import ExactIndex, FaissIndex, NeighborIndex
 from tracin._index import neighbors as index_neighbors
 from tracin._recorder import CheckpointRecorder, log_spaced_steps
@@ -74,6 +75,7 @@ __all__ = [
     "FaissIndex",
     "MultiLabelClassificationTask",
     "NeighborIndex",
+    "PredictedClassTask",
     "Neighbors",
     "RegressionTask",
     "ReviewedLabels",

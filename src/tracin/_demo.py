@@ -5,7 +5,10 @@ Flip 10% of the training labels, train a small CNN with SGD and a learning-rate 
 featurize, then: rank training examples by TracIn's contrastive self-influence on the final
 layer (the recipe measured best in docs/quality.md) and by self-influence on all layers, count
 the flipped labels found against ranking by loss; and show the proponents and opponents of a few
-test images. CLI code: it prints, and seeds its own generators.
+test images, each for the class the model predicted (its loss at every checkpoint: a
+misclassified "1" predicted as "8" is explained by what pushed it to "8"), by the default
+cosine relevance with the raw TracInCP score beside it for the first. CLI code: it prints, and
+seeds its own generators.
 """
 
 from __future__ import annotations
@@ -163,14 +166,16 @@ def run_demo(out_dir: str, seed: int) -> int:
                   f"in {out / 'checkpoints'}")  # fmt: skip
     task = tracin.ClassificationTask()
     train = TensorDataset(data["x_train"], data["y_train"])
-    test = TensorDataset(data["x_test"], data["y_test"])
+    with torch.no_grad():  # each test image is explained for the class the model predicted
+        predicted = model.eval()(data["x_test"]).argmax(1)
+    explained = TensorDataset(data["x_test"], predicted)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total}"), TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console, transient=True) as bars:
         run = tracin.featurize(
             model, task, ckpts, train, store=out / "store", proj_dim=1024,
             projection="kronecker", dtype="float16", embedding_layer="fc1",
-            queries={"test": test}, batch_size=256, overwrite=True,
+            queries={"test": explained}, batch_size=256, overwrite=True,
             progress=_progress_bar(bars),
         )  # fmt: skip
         bias = tracin.featurize(
@@ -178,7 +183,7 @@ def run_demo(out_dir: str, seed: int) -> int:
             embedding_layer="fc1", batch_size=256, overwrite=True,
             progress=_progress_bar(bars),
         )  # fmt: skip
-    contrast = bias.contrastive_self_influence(10, lr_weighted=False)
+    contrast = bias.mislabel_scores().scores  # the default mislabel recipe (tracin._suspects)
     losses = _losses(ckpts, data["x_train"], data["y_train"])
     rankings = {
         CONTRAST: contrast,
@@ -215,11 +220,13 @@ def run_demo(out_dir: str, seed: int) -> int:
         report = compose_report(
             run, render, title="tracin demo: digits with 10% flipped labels",
             subtitle=f"{len(train)} training images, {len(ckpts)} log-spaced checkpoints (lr "
-            "0.1, then 0.01), TracIn-RP features (Kronecker, per layer) for explanations; "
-            "ranked by TracIn contrast on the final layer's bias",
+            "0.1, then 0.01), TracIn-RP features (Kronecker, per layer) for explanations, each "
+            "explained for the class the model predicted; suspects ranked by TracIn contrast "
+            "on the final layer's bias",
             query_split="test", query_rows=rows, query_captions=captions, k=6, gallery=30,
             flipped=flipped, flag=flag, baselines=baselines,
-            cluster_rows=np.flatnonzero(data["y_train"].numpy() == cls).tolist(), n_clusters=4,
+            cluster_rows=np.flatnonzero(data["y_train"].numpy() == cls).tolist(),
+            n_clusters="auto",
             cluster_title=f"Training images labelled {cls}, clustered by TracIn similarity",
             summary=[["ranking", *(f"top {f:.0%}" for f in FRACTIONS)],
                      *([name, *(f"{v:.2f}" for v in found)] for name, found in recall.items())],

@@ -88,6 +88,8 @@ def compose_report(
     cluster_title: str = "Clusters",
     summary: Sequence[Sequence[Any]] = (),
     ranking: tuple[str, np.ndarray] | None = None,
+    query_data: Any = None,
+    query_task: Any = None,
 ) -> Report:
     """Build the report for ``run``.
 
@@ -113,6 +115,10 @@ def compose_report(
         ranking: ``(name, scores)`` ranking the gallery and drawn first in the recall plot
             (default ``("TracIn self-influence", run.self_influence())``), e.g. the
             contrastive self-influence of a run on the final layer.
+        query_data: the rows ``query_rows`` of ``query_split`` as data, to explain them with
+            ``query_task`` instead of their stored features (a run with its model), e.g.
+            `tracin._predicted.PredictedClassTask` to explain what the model predicted.
+        query_task: the task whose query score ``query_data`` is explained by.
     """
     flags = flag or (lambda i: "")
     report = Report(title=title, subtitle=subtitle, summary=[list(r) for r in summary],
@@ -122,6 +128,8 @@ def compose_report(
     if self_inf.shape != (run.n_train,):
         raise ConfigError(f"ranking {name!r} has shape {self_inf.shape}; expected ({run.n_train},)")
     report.gallery_title = f"Highest {name}"
+    if flag is not None:
+        report.gallery_note += " Red border: a known flipped label."
     top = np.argsort(-self_inf, kind="stable")[:gallery]
     report.gallery = [example(render, "train", i, float(self_inf[i]), flags(int(i))) for i in top]
     if flipped is not None:
@@ -129,7 +137,8 @@ def compose_report(
         report.plots.append(_recall_plot(rankings, np.asarray(flipped, dtype=bool)))
     if query_split is not None and len(query_rows):
         report.explanations = _explanations(run, render, query_split, query_rows,
-                                            query_captions, k, flags)  # fmt: skip
+                                            query_captions, k, flags,
+                                            (query_data, query_task))  # fmt: skip
     if cluster_rows is not None and len(cluster_rows) >= (
         2 if n_clusters == "auto" else n_clusters
     ):
@@ -154,9 +163,17 @@ def _explanations(
     captions: Sequence[str],
     k: int,
     flags: Callable[[int], str],
+    live: tuple[Any, Any] = (None, None),
 ) -> list[Explanation]:
-    props, opps = run.neighbors(split, k)  # the cosine relevance
-    raw, _ = run.neighbors(split, k, relevance="tracin")
+    data, task = live
+    if data is None:  # stored features, indexed by row
+        props, opps = run.neighbors(split, k)  # the cosine relevance
+        raw, raw_opps = run.neighbors(split, k, relevance="tracin")
+        at = list(rows)
+    else:  # computed now with ``task``, indexed by position
+        props, opps = run.neighbors(data, k, query_task=task)
+        raw, raw_opps = run.neighbors(data, k, query_task=task, relevance="tracin")
+        at = list(range(len(rows)))
     has_embeddings = True
     try:
         near, far = run.embedding_neighbors(split, k)
@@ -164,11 +181,14 @@ def _explanations(
         has_embeddings = False
     out = []
     for j, q in enumerate(rows):
-        lines = [("TracIn proponents (cosine of gradients)", _row(render, props, q, flags)),
-                 ("TracIn opponents (cosine of gradients)",
-                  _row(render, opps, q, flags))]  # fmt: skip
+        p = at[j]
+        lines = [("TracIn proponents (default: cosine of gradients)",
+                  _row(render, props, p, flags)),
+                 ("TracIn opponents (default: cosine of gradients)",
+                  _row(render, opps, p, flags))]  # fmt: skip
         if j == 0:  # once, the raw score beside it: large-gradient rows crowd it
-            lines.append(("raw TracInCP score: proponents", _row(render, raw, q, flags)))
+            lines.append(("raw TracInCP score: proponents", _row(render, raw, p, flags)))
+            lines.append(("raw TracInCP score: opponents", _row(render, raw_opps, p, flags)))
         if has_embeddings:
             lines += [("embedding: nearest", _row(render, near, q, flags)),
                       ("embedding: farthest", _row(render, far, q, flags))]  # fmt: skip

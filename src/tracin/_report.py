@@ -71,6 +71,7 @@ class Report:
     plots: list[Plot] = field(default_factory=list)
     gallery: list[Example] = field(default_factory=list)
     gallery_title: str = "Highest self-influence"
+    gallery_note: str = "Training examples the model had to memorise: mislabelled or rare."
     explanations: list[Explanation] = field(default_factory=list)
     clusters: list[tuple[str, list[Example]]] = field(default_factory=list)
     clusters_title: str = "Clusters"
