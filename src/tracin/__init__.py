@@ -30,9 +30,9 @@ from tracin._errors import (
     TracInWarning,
 )
 from tracin._ideal import TracInIdeal
-from tracin._predicted import PredictedClassTask
 from tracin._index import ExactIndex, FaissIndex, NeighborIndex
 from tracin._index import neighbors as index_neighbors
+from tracin._predicted import PredictedClassTask
 from tracin._recorder import CheckpointRecorder, log_spaced_steps
 from tracin._run import Run
 from tracin._scoring import Neighbors
