@@ -152,7 +152,10 @@ def label_item(batch: Batch, inputs: Inputs | None, labels: Key | None, owner: s
     Raises:
         TaskError: the batch holds no labels where the task looks, naming the fix.
     """
-    no_labels = "; pass (inputs, labels) batches, or use query='prediction' for unlabelled queries"
+    no_labels = (
+        "; pass (inputs, labels) batches, or use query='prediction' (--query-score prediction "
+        "on the command line) for unlabelled queries"
+    )
     if isinstance(batch, torch.Tensor):
         raise TaskError(f"the batch is one tensor {describe(batch)}, the inputs only{no_labels}")
     if isinstance(batch, Mapping):

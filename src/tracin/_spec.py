@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from tracin._checkpoints import Checkpoints
-from tracin._errors import ConfigError
+from tracin._errors import ConfigError, TracInError
 from tracin._task import Task
 
 __all__ = ["Spec", "load_spec"]
@@ -43,6 +43,18 @@ class Spec:
     render: Any
     layers: list[str] | None
     embedding_layer: str | None
+
+
+def _where(exc: BaseException, file: Path) -> str:
+    """``line N: Type: message`` of the deepest frame of ``exc`` inside ``file``."""
+    line = getattr(exc, "lineno", None) if isinstance(exc, SyntaxError) else None
+    tb = exc.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == file.resolve():
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{'' if line is None else f'line {line}: '}{type(exc).__name__}: {text}"
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -65,6 +77,10 @@ def load_spec(path: str | Path) -> Spec:
     sys.path.insert(0, str(file.parent.resolve()))
     try:
         module_spec.loader.exec_module(module)
+    except TracInError:
+        raise
+    except Exception as exc:  # the user's code: one line naming the file, line and error
+        raise ConfigError(f"spec {str(file)!r} failed to run: {_where(exc, file)}") from exc
     finally:
         sys.path.pop(0)
     ns = vars(module)
