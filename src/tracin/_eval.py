@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -176,8 +176,19 @@ def _auroc(scores: np.ndarray, flagged: np.ndarray) -> float:
     return float((ranks[flagged].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def _net(width: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+class TrainConfig(Protocol):
+    """What `_fit` and the cleanlab baseline read from a configuration."""
+
+    @property
+    def regime(self) -> Regime: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def cleanlab_folds(self) -> int: ...
+
+
+def _net(width: int, n_features: int = 64, n_classes: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Linear(n_features, width), nn.ReLU(), nn.Linear(width, n_classes))
 
 
 def _digits(
@@ -201,16 +212,48 @@ _BATCH = 32
 _BRIEF_EPOCHS, _MAX_EPOCHS = 8, 1000
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, cfg: MislabelConfig, seed: int, rec: Any) -> nn.Module:
+def _fit(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    seed: int,
+    rec: Any,
+    n_classes: int | None = None,
+) -> nn.Module:
     """SGD; ``brief``: 8 epochs, lr 0.1 then 0.01; ``memorise``: momentum 0.9 until 99%."""
+    return _train(x, y, cfg, seed, rec, n_classes=n_classes)[0]
+
+
+def _train(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    seed: int,
+    rec: Any,
+    epochs: int | None = None,
+    n_classes: int | None = None,
+    max_epochs: int = _MAX_EPOCHS,
+) -> tuple[nn.Module, int]:
+    """`_fit`, returning the epochs run; ``epochs`` runs exactly that many (no 99% stop).
+
+    ``max_epochs`` caps the ``memorise`` regime when it does not reach 99%.
+
+    ``seed`` fixes the initialisation and the batch order: equal seeds, equal schedules.
+    ``n_classes`` defaults to ``max(y) + 1``.
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = _net(cfg.width)
+        model = _net(cfg.width, x.shape[1], n_classes or int(y.max()) + 1)
     momentum = 0.9 if cfg.regime == "memorise" else 0.0
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
-    step = 0
-    for epoch in range(_BRIEF_EPOCHS if cfg.regime == "brief" else _MAX_EPOCHS):
+    step, epoch = 0, 0
+    if epochs is None:
+        epochs = _BRIEF_EPOCHS if cfg.regime == "brief" else max_epochs
+        stop_at_99 = cfg.regime == "memorise"
+    else:
+        stop_at_99 = False
+    for epoch in range(epochs):
         if cfg.regime == "brief" and epoch == 5:
             for group in opt.param_groups:
                 group["lr"] = 0.01
@@ -222,11 +265,11 @@ def _fit(x: torch.Tensor, y: torch.Tensor, cfg: MislabelConfig, seed: int, rec: 
             step += 1
             if rec is not None:
                 rec.step(model, opt, step)
-        if cfg.regime == "memorise" and _accuracy(model, x, y) >= 0.99:
+        if stop_at_99 and _accuracy(model, x, y) >= 0.99:
             break
     if rec is not None and not rec.wants(step):
         rec.save(model, opt, step)
-    return model
+    return model, epoch + 1
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -239,20 +282,19 @@ def _horizon(cfg: MislabelConfig) -> int:
     return (_BRIEF_EPOCHS if cfg.regime == "brief" else 150) * -(-cfg.rows // _BATCH)
 
 
-def _cleanlab_scores(
-    x: torch.Tensor, y: torch.Tensor, cfg: MislabelConfig, seed: int
-) -> np.ndarray:
+def _cleanlab_scores(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int) -> np.ndarray:
     try:
         from cleanlab.rank import get_label_quality_scores
     except ImportError:
         raise ConfigError(
             "the cleanlab baseline needs cleanlab: pip install cleanlab (or cleanlab_folds=0)"
         ) from None
-    probs = np.zeros((len(y), 10))
+    n_classes = int(y.max()) + 1
+    probs = np.zeros((len(y), n_classes))
     folds = np.array_split(np.random.default_rng(seed).permutation(len(y)), cfg.cleanlab_folds)
     for k, held in enumerate(folds):
         keep = np.setdiff1d(np.arange(len(y)), held)
-        model = _fit(x[keep], y[keep], cfg, seed * 100 + k, None)
+        model = _fit(x[keep], y[keep], cfg, seed * 100 + k, None, n_classes)
         with torch.no_grad():
             probs[held] = torch.softmax(model.eval()(x[held]), 1).numpy()
     return -np.asarray(get_label_quality_scores(y.numpy(), probs))  # low quality = suspicious

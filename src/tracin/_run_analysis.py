@@ -19,6 +19,7 @@ from tracin._store import EMBEDDING
 
 if TYPE_CHECKING:
     from tracin._run import Run
+    from tracin._suspects import MislabelScores
 
 __all__ = ["RunAnalysis"]
 
@@ -61,6 +62,18 @@ class RunAnalysis:
         si = lr_weighted_sum(zip(weights, self.self_influence_by_checkpoint(), strict=True))
         vectors = np.concatenate([block for _, block in self.folded_blocks(weights)])
         return neighbour_contrast(si, vectors, neighbours)
+
+    def mislabel_scores(
+        self, recipe: str = "contrast", *, k: int = 10, strict: bool = False
+    ) -> MislabelScores:
+        """The mislabel ranking measured best; see `tracin._suspects.mislabel_scores`.
+
+        ``run.mislabel_scores().order()`` lists training rows, most suspect first;
+        ``recipe="paper"`` gives the lr-weighted self-influence.
+        """
+        from tracin._suspects import mislabel_scores
+
+        return mislabel_scores(cast("Run", self), recipe, k=k, strict=strict)
 
     def embeddings(self, split: str = "train") -> np.ndarray:
         """Stored ``embedding_layer`` activations of ``split``, shape ``(rows, width)``."""

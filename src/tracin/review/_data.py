@@ -22,11 +22,11 @@ from tracin._report import Example
 from tracin._run import Run
 from tracin._scoring import Neighbors, top_k
 from tracin._store import EMBEDDING, StoreError
+from tracin._suspects import CONTRAST_MAX_ROWS as CONTRAST_MAX_ROWS
 
 __all__ = ["Predictions", "ReviewData", "default_relevance", "predictions_from_spec"]
 
 Renderer = Callable[[str, int], Mapping[str, Any]]
-CONTRAST_MAX_ROWS = 50_000  # above this the (N, N)-blockwise neighbour search is left out
 
 
 @dataclass
@@ -107,26 +107,22 @@ def default_relevance() -> str:
 def rank_scores(run: Run, score: str) -> tuple[str, np.ndarray]:
     """``(name, scores (N,))`` of the mislabel ranking ``score`` (``auto`` chooses).
 
-    ``auto``: the contrastive self-influence (the recipe measured best, docs/quality.md) when
-    embeddings are stored and N <= 50,000; else self-influence.
+    ``auto``: `tracin._suspects.mislabel_scores` with its default recipe (the contrastive
+    self-influence, measured best, docs/quality.md), which falls back to self-influence when
+    the store lacks embeddings or has more than 50,000 rows; ``contrastive``: that recipe or
+    an error; ``self-influence``: the lr-weighted self-influence (the paper's).
 
     Raises:
         ConfigError: an unknown ``score``, or ``contrastive`` without stored embeddings.
     """
+    from tracin._suspects import mislabel_scores
+
     if score not in ("auto", "contrastive", "self-influence"):
         raise ConfigError(f"--score {score!r}; expected auto, contrastive or self-influence")
-    if score == "auto":
-        score = "self-influence"
-        if run.n_train <= CONTRAST_MAX_ROWS and not run.streaming and _has_embeddings(run):
-            score = "contrastive"
-    if score == "contrastive":
-        if not _has_embeddings(run):
-            raise ConfigError(
-                "--score contrastive needs embeddings: featurize with embedding_layer"
-            )
-        k = min(10, run.n_train - 1)
-        return "contrastive self-influence", run.contrastive_self_influence(k, lr_weighted=False)
-    return "self-influence", run.self_influence()
+    recipe = "paper" if score == "self-influence" else "contrast"
+    result = mislabel_scores(run, recipe, strict=score == "contrastive")
+    names = {"contrast": "contrastive self-influence", "paper": "self-influence"}
+    return names.get(result.recipe, "self-influence (unit weights)"), result.scores
 
 
 def _has_embeddings(run: Run) -> bool:
