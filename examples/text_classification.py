@@ -169,7 +169,7 @@ def main(out: Path, n_train: int = 2000, n_test: int = 300, epochs: int = 3,
     task = BertTask(output="logits")
     run = tracin.featurize(
         model, task, ckpts, train_set, store=out / "store", layers=list(layers), overwrite=True,
-        queries={"test": test_set}, embedding_layer="bert.pooler",
+        queries={"test": test_set}, embedding_layer="bert.pooler", keep_features=True,
         query_task=BertTask(output="logits", query="prediction"),
     )  # fmt: skip
     props, opps = run.neighbors("test", k=5)

@@ -144,8 +144,9 @@ def test_spec_missing_a_name(tmp_path):
     assert res.exit_code == 2 and "`task` is NoneType, expected Task" in res.stderr
 
 
-@pytest.mark.parametrize("command", ["demo", "featurize", "self-influence", "explain", "cluster",
-                                     "report", "eval mislabel"])  # fmt: skip
+@pytest.mark.parametrize("command", ["demo", "featurize", "self-influence", "suspects", "explain",
+                                     "cluster", "report", "review", "eval mislabel",
+                                     "eval explain", "eval cluster", "eval fix"])  # fmt: skip
 def test_help_is_complete(command):
     res = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0
@@ -154,6 +155,8 @@ def test_help_is_complete(command):
                 "explain": ["--split", "--rows", "--k", "--format", "--output"],
                 "report": ["--spec", "--split", "--out"],
                 "eval mislabel": ["--regime", "--noise", "--seeds", "--cleanlab-folds"],
+                "suspects": ["--top", "--recipe"],
+                "review": ["--spec", "--export"],
                 }.get(command, ["--help"])  # fmt: skip
     assert all(opt in res.output for opt in expected)
 

@@ -93,7 +93,11 @@ class FactoredEngine:
         self.projection = projection
         self.layers, rest_names = supported_layers(model, names, exclude=exclude)
         if not self.layers:
-            raise ConfigError("no Linear/Conv/Embedding layer among the selected parameters")
+            raise ConfigError(
+                "engine='factored' has no layer to hook among the selected parameters (tied or "
+                "shared weights, parametrized layers and modules without a hook rule go to "
+                "torch.func); use engine='auto' or engine='functional'"
+            )
         if projection.kind not in ("identity", "kronecker", "last_layer"):
             raise ConfigError(
                 f"the factored engine projects with 'kronecker', not {projection.kind!r}"
