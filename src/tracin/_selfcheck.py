@@ -161,9 +161,10 @@ def _attempt(
 ) -> _Attempt:
     try:
         twin = build(choice, True)
-        got = _split(twin.features(weights, score, rows, 0)[0], names, sizes)
+        feats, sq_twin = twin.features(weights, score, rows, 0)
+        got = _split(feats, names, sizes)
         engine = build(choice, False)
-        sq_feats = engine.features(weights, score, rows, 0)[1]
+        sq_feats = sq_twin if engine is twin else engine.features(weights, score, rows, 0)[1]
         sq = engine.sqnorms(weights, score, rows)
     except HookError as exc:  # a layer the hooks cannot do here: its parameters go elsewhere
         return _Attempt(engine=build(choice, False), bad=dict.fromkeys(exc.params, np.inf),

@@ -139,10 +139,14 @@ class GradientSource:
             return
         config = self.config
 
+        built: dict[tuple[EngineChoice, bool], FeatureEngine] = {}
+
         def build(choice: EngineChoice, exact: bool) -> FeatureEngine:
-            if exact:
-                return make_engine(self.model, replace(config, projection=IDENTITY), choice)
-            return make_engine(self.model, config, choice)
+            exact = exact and config.projection.kind != "identity"  # else the same engine
+            if (choice, exact) not in built:
+                chosen = replace(config, projection=IDENTITY) if exact else config
+                built[choice, exact] = make_engine(self.model, chosen, choice)
+            return built[choice, exact]
 
         self.engine = verify_engine(
             self.model, config.engine, config.parameters, build, weights, score, batch
