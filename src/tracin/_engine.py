@@ -19,6 +19,7 @@ from tracin._batch import Batch, batch_size, map_tensors
 from tracin._errors import TaskError
 
 __all__ = [
+    "DictGradients",
     "ExampleGradients",
     "FeatureEngine",
     "FunctionalEngine",
@@ -102,17 +103,23 @@ def functional_model(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> C
     return call
 
 
-class FunctionalEngine:
-    """Exact per-example gradients of any module via ``functional_call`` + ``vmap`` + ``grad``.
+class DictGradients:
+    """Shared by the per-example engines: everything derived from ``gradient_dict``.
 
     Args:
         model: the network (left unmodified; put in eval mode by the caller).
-        names: parameter names to differentiate (see `select_parameters`).
+        names: parameter names to differentiate (see `select_parameters`), in model order.
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         self.model = model
         self.names = tuple(names)
+
+    def gradient_dict(
+        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> dict[str, torch.Tensor]:
+        """Per-example gradients ``(B, numel)`` of each selected parameter, in model order."""
+        raise NotImplementedError
 
     def gradients(
         self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
@@ -129,6 +136,15 @@ class FunctionalEngine:
             (row_sqnorms(g) for g in grads),
             torch.zeros((), dtype=torch.float64),
         )
+
+
+class FunctionalEngine(DictGradients):
+    """Exact per-example gradients of any module via ``functional_call`` + ``vmap`` + ``grad``.
+
+    Args:
+        model: the network (left unmodified; put in eval mode by the caller).
+        names: parameter names to differentiate (see `select_parameters`).
+    """
 
     def gradient_dict(
         self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch

@@ -11,44 +11,24 @@ falls back to.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
-from torch import nn
 
 from tracin._batch import Batch, batch_size, map_tensors, slice_batch
-from tracin._engine import ScoreFn, functional_model, row_sqnorms
+from tracin._engine import DictGradients, ScoreFn, functional_model
 from tracin._errors import TaskError
 
 __all__ = ["LoopEngine"]
 
 
-class LoopEngine:
+class LoopEngine(DictGradients):
     """Exact per-example gradients, one ``torch.autograd.grad`` call per example.
 
     Args:
         model: the network (left unmodified; put in eval mode by the caller).
         names: parameter names to differentiate (see `select_parameters`), in model order.
     """
-
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        self.model = model
-        self.names = tuple(names)
-
-    def gradients(
-        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
-    ) -> torch.Tensor:
-        """Per-example gradients of ``score``, shape ``(B, P)``."""
-        return torch.cat(list(self.gradient_dict(weights, score, batch).values()), dim=1)
-
-    def sqnorms(
-        self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
-    ) -> torch.Tensor:
-        """Squared per-example gradient norms ``(B,)``, float64."""
-        return sum(
-            (row_sqnorms(g) for g in self.gradient_dict(weights, score, batch).values()),
-            torch.zeros((), dtype=torch.float64),
-        )
 
     def gradient_dict(
         self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
