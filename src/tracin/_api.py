@@ -352,6 +352,20 @@ def open(
     A store without training features (an exact run, ``keep_features=False``) answers
     self-influence alone; its queries stream the training gradients again and need
     ``model``, ``task`` and ``train_data`` (the data featurized).
+
+    Args:
+        path: the store directory given to `featurize` as ``store``.
+        model: the network (architecture only), for new query batches; needs ``task``.
+        task: the task the store was featurized with.
+        checkpoints: the checkpoints, when the store's were in memory (no paths recorded).
+        batch_size: rows per gradient batch of new queries.
+        engine: ``"auto"``, ``"functional"`` or ``"factored"``, as for `featurize`.
+        train_data: the featurized training data, for a store without training features.
+
+    Raises:
+        StoreError: ``path`` holds no tracin store, or one of another schema version.
+        ConfigError: a bad argument: ``model`` without ``task``, in-memory checkpoints not
+            passed, a ``model`` or ``task`` of the wrong type.
     """
     model = None if model is None else unwrap_model(model)
     root = store_path(path, "path", create=False)

@@ -276,6 +276,13 @@ class Checkpoints(Sequence[Checkpoint]):
     """An ordered collection of checkpoints (by step), each with its learning rate.
 
     Build with `from_paths` or `from_state_dicts`, or from `Checkpoint` values directly.
+
+    Args:
+        items: the checkpoints, in any order; they are sorted by step.
+
+    Raises:
+        ConfigError: an item is not a `Checkpoint`; none given; repeated ids or steps; or every
+            learning rate 0 (every score would be 0).
     """
 
     def __init__(self, items: Iterable[Checkpoint]) -> None:

@@ -47,6 +47,9 @@ class NeighborIndex(Protocol):
 
         Returns:
             ``Neighbors(indices, scores)``, each ``(Q, k)``: int64 rows, float64 inner products.
+
+        Raises:
+            ConfigError: ``queries`` not ``(Q, D)`` with the index's ``D``, or ``k`` out of range.
         """
         ...
 
@@ -62,6 +65,9 @@ def neighbors(index: NeighborIndex, queries: np.ndarray, k: int) -> tuple[Neighb
     Returns:
         ``(proponents, opponents)``: proponents with the largest TracIn scores, descending;
         opponents with the most negative scores (the true scores, not negated), ascending.
+
+    Raises:
+        ConfigError: ``queries`` not ``(Q, D)`` with the index's ``D``, or ``k`` out of range.
     """
     q = _as_queries(queries)
     both = index.search(np.concatenate([q, -q]), k)
@@ -82,6 +88,9 @@ class ExactIndex:
         run: a run with stored features (`tracin.featurize` with a store or ``proj_dim``).
         relevance: how the training rows are folded (`Run.folded_blocks`): ``"tracin"`` (raw
             scores) or ``"cosine"`` / ``"relatif"``; fold the queries with the same relevance.
+
+    Raises:
+        ConfigError: an unknown ``relevance``.
     """
 
     def __init__(self, run: Run, relevance: Relevance = "tracin") -> None:
@@ -94,7 +103,12 @@ class ExactIndex:
         return self.run.n_train
 
     def search(self, queries: np.ndarray, k: int) -> Neighbors:
-        """See `NeighborIndex.search`."""
+        """See `NeighborIndex.search`.
+
+        Raises:
+            ConfigError: ``queries`` not ``(Q, D)`` with the run's folded width ``D`` (make them
+                with `Run.folded_queries`), or ``k`` out of range.
+        """
         q = _as_queries(queries)
         _check_k(k, self.ntotal)
         best: Neighbors | None = None
@@ -196,7 +210,11 @@ class FaissIndex:
         return int(self.index.ntotal)
 
     def tune(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Change search-time parameters: IVF ``nprobe``, HNSW ``ef_search``."""
+        """Change search-time parameters: IVF ``nprobe``, HNSW ``ef_search``.
+
+        Raises:
+            ConfigError: a value below 1, or a parameter this kind of index does not have.
+        """
         if nprobe is not None:
             _positive(nprobe=nprobe)
             if not hasattr(self.index, "nprobe"):
@@ -213,6 +231,9 @@ class FaissIndex:
 
         An approximate index can find fewer than ``k`` rows for a query (IVF with a small
         ``nprobe``); the missing places hold row ``-1`` and score ``-inf``.
+
+        Raises:
+            ConfigError: ``queries`` not ``(Q, D)`` with the index's ``D``, or ``k`` out of range.
         """
         q = _as_queries(queries)
         if q.shape[1] != self.index.d:
@@ -227,7 +248,11 @@ class FaissIndex:
         return Neighbors(indices, scores)
 
     def save(self, path: str | Path) -> None:
-        """Write the index to ``path`` atomically (temporary name, fsync, rename)."""
+        """Write the index to ``path`` atomically (temporary name, fsync, rename).
+
+        Raises:
+            ConfigError: FAISS is not installed.
+        """
         faiss = _faiss()
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,9 @@ class PredictedClassTask(ClassificationTask):
         reference: the model whose prediction is explained (e.g. the final weights): its
             predicted class is the target at every checkpoint, as a label would be. ``None``:
             each checkpoint's own prediction (near initialisation a different class).
+
+    Raises:
+        ConfigError: a field of the wrong kind, as for `ClassificationTask`.
     """
 
     reference: nn.Module | None = field(default=None, compare=False, repr=False)

@@ -41,6 +41,17 @@ def log_spaced_steps(total_steps: int, count: int, first: int = 1) -> list[int]:
     """About ``count`` distinct steps from ``first`` to ``total_steps``, spaced logarithmically.
 
     Dense early in training (before the model fits mislabelled examples), sparse later.
+
+    Args:
+        total_steps: the last step (optimiser steps, counted from 1).
+        count: how many steps to aim for; rounding can merge early ones, so fewer may come back.
+        first: the first step.
+
+    Returns:
+        The distinct steps, ascending.
+
+    Raises:
+        ConfigError: an argument below 1.
     """
     if total_steps < 1 or count < 1 or first < 1:
         raise ConfigError(
@@ -143,6 +154,10 @@ class CheckpointRecorder:
         steps: the steps to save at (e.g. `log_spaced_steps`); ``None`` with ``every``.
         every: save every ``every`` steps instead.
         save_optimizer: also store the optimiser's state (Adam moments, for preconditioning).
+
+    Raises:
+        ConfigError: not exactly one of ``steps`` and ``every``, or ``every`` not a positive
+            integer.
     """
 
     def __init__(
@@ -176,7 +191,12 @@ class CheckpointRecorder:
         return sorted(self.directory.glob("step_*.pt"))
 
     def checkpoints(self) -> Checkpoints:
-        """`Checkpoints` of the recorded files, with the steps and (group) lrs read from each."""
+        """`Checkpoints` of the recorded files, with the steps and (group) lrs read from each.
+
+        Raises:
+            ConfigError: no checkpoint recorded yet.
+            CheckpointError: a recorded file cannot be read.
+        """
         paths = self.paths()
         if not paths:
             raise ConfigError(f"no checkpoints recorded in {self.directory} yet")

@@ -62,7 +62,11 @@ class Task:
     """
 
     def train_loss(self, model: Model, batch: Batch) -> torch.Tensor:
-        """Per-example training loss, shape ``(B,)``."""
+        """Per-example training loss, shape ``(B,)``.
+
+        Raises:
+            NotImplementedError: always; a subclass implements it.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement train_loss")
 
     def query_score(self, model: Model, batch: Batch) -> torch.Tensor:
@@ -82,28 +86,28 @@ def _checked_class(query_class: int, n_classes: int, what: str) -> int:
 class _SupervisedTask(Task):
     """Shared batch plumbing: where the inputs and labels sit, and how the model is called.
 
-    Attributes:
-        inputs: where the model inputs sit: an index (tuple batch) or key (dict batch), passed
-            as one argument; or a tuple/list of them, passed positionally in that order (tuple
-            batches) or as keyword arguments (dict batches). ``None``: a tensor batch is the
-            input, a tuple/list of one or two items is ``(inputs,)``/``(inputs, labels)``, a dict
-            batch passes every key but the labels as keyword arguments; a longer tuple needs
-            ``inputs``/``labels`` (the items other than ``labels``, when only that is set).
-        labels: index or key of the targets; ``None``: index 1 of a two-item batch, the one item
-            ``inputs`` leaves, or key ``"labels"`` of a dict batch. Prediction queries never
-            read it.
-        output: for models that return a dict or tuple (Hugging Face ``logits``), the key or index
-            of the prediction tensor in the output; ``None`` uses the output as is.
-        query: ``"loss"`` (labelled queries) or ``"prediction"`` (unlabelled queries).
+    The fields ``inputs``, ``labels``, ``output`` and ``query`` are documented where they are
+    declared, so that the API reference shows them on each public task.
 
     Raises:
         ConfigError: a value of the wrong kind, naming it and the fix.
     """
 
     inputs: Inputs | Sequence[Key] | None = None
+    """Where the model inputs sit: an index (tuple batch) or key (dict batch), passed as one
+    argument; or a tuple/list of them, passed positionally in that order (tuple batches) or as
+    keyword arguments (dict batches). ``None``: a tensor batch is the input, a tuple/list of one
+    or two items is ``(inputs,)``/``(inputs, labels)``, a dict batch passes every key but the
+    labels as keyword arguments; a longer tuple needs ``inputs``/``labels`` (the items other than
+    ``labels``, when only that is set)."""
     labels: Key | None = None
+    """Index or key of the targets; ``None``: index 1 of a two-item batch, the one item
+    ``inputs`` leaves, or key ``"labels"`` of a dict batch. Prediction queries never read it."""
     output: Key | None = None
+    """For models that return a dict or tuple (Hugging Face ``logits``), the key or index of the
+    prediction tensor in the output; ``None`` uses the output as is."""
     query: QueryScore = "loss"
+    """``"loss"`` (labelled queries) or ``"prediction"`` (unlabelled queries)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", as_inputs(self.inputs))
@@ -241,6 +245,10 @@ class ClassificationTask(_SupervisedTask):
     Attributes:
         query_class: class whose logit the prediction score follows; ``None`` = the predicted
             class. Negative indices count from the end.
+
+    Raises:
+        ConfigError: a field of the wrong kind (see ``inputs``, ``labels``, ``output``,
+            ``query``), or ``query_class`` without ``query="prediction"``.
     """
 
     query_class: int | None = None
@@ -287,6 +295,10 @@ class MultiLabelClassificationTask(_SupervisedTask):
     Attributes:
         query_class: label whose logit the prediction score follows; ``None`` = the predicted
             labels.
+
+    Raises:
+        ConfigError: a field of the wrong kind (see ``inputs``, ``labels``, ``output``,
+            ``query``), or ``query_class`` without ``query="prediction"``.
     """
 
     query_class: int | None = None
@@ -346,6 +358,10 @@ class RegressionTask(_SupervisedTask):
     and follows the prediction (summed over outputs when there are several). The score is the
     prediction negated, so a positive influence (a proponent) means the training step raised
     the prediction, and an opponent lowered it.
+
+    Raises:
+        ConfigError: a field of the wrong kind (see ``inputs``, ``labels``, ``output``,
+            ``query``).
     """
 
     def train_loss(self, model: Model, batch: Batch) -> torch.Tensor:
@@ -398,6 +414,7 @@ def check_task(
 
     Raises:
         TaskError: naming the method and what is wrong.
+        DataError: a score is NaN or infinite (naming the rows of ``batch``).
     """
     n = batch_size(batch)
     with torch.no_grad():

@@ -210,7 +210,11 @@ class ReviewServer:
                 "decision": "" if d is None else d.decision, "row": row}  # fmt: skip
 
     def queries_page(self, split: str, params: Any) -> str:
-        """A stored query split, paged; each row links to its example page."""
+        """A stored query split, paged; each row links to its example page.
+
+        Raises:
+            ConfigError: ``split`` is not a stored query split, or a malformed ``page``.
+        """
         if split == "train" or split not in self.data.run.split_rows:
             raise ConfigError(f"split {split!r} is not a stored query split")
         n = self.data.run.split_rows[split]
