@@ -58,6 +58,22 @@ class Clusters(NamedTuple):
         order = np.lexsort((members, -self.similarity[members]))
         return members[order[:n]]
 
+    def _repr_html_(self) -> str:
+        """A notebook table: per cluster its size and most typical members."""
+        from tracin._display import clusters_html
+
+        return clusters_html(self)
+
+    def to_frame(self) -> Any:
+        """A pandas DataFrame: cluster, rank (most typical first), row, similarity, label.
+
+        Raises:
+            MissingDependencyError: pandas is not installed.
+        """
+        from tracin._display import clusters_frame
+
+        return clusters_frame(self)
+
 
 def array_source(vectors: np.ndarray, block_rows: int = 8192) -> BlockSource:
     """A `BlockSource` over an in-memory ``(N, D)`` array."""

@@ -374,6 +374,31 @@ class Run(RunAnalysis):
             out[:, start : start + scores.shape[1]] = scores
         return out
 
+    def trak_influence(
+        self,
+        query: Data | Batch | str,
+        *,
+        query_task: Task | None = None,
+        damping: float = 1.0,
+        weighting: Literal["mean", "lr"] = "mean",
+    ) -> np.ndarray:
+        """TRAK-style preconditioned score (not TracInCP) of every row on every query, ``(Q, N)``.
+
+        ``sum_c w_c phi_c(q)^T (Phi_c^T Phi_c + lambda_c I)^{-1} phi_c(z)`` over the stored
+        projected features, ``lambda_c = damping * trace(Phi_c^T Phi_c) / k``, ``w_c = 1 / C``
+        (``weighting="mean"``) or ``lr_c`` (``"lr"``); see `tracin._preconditioned` (TRAK, Park
+        et al. 2023). The per-checkpoint inverses are built once per damping and cached.
+
+        Raises:
+            ConfigError: the store holds no projected features (featurize with ``proj_dim=``),
+                a bad ``damping`` or ``weighting``, or a query the run cannot score.
+        """
+        from tracin._preconditioned import trak_influence
+
+        return trak_influence(
+            self, query, query_task=query_task, damping=damping, weighting=weighting
+        )
+
     def neighbors(
         self,
         query: Data | Batch | str,
@@ -400,13 +425,14 @@ class Run(RunAnalysis):
         relevance = check_relevance(relevance)
         if self.streaming:
             scores = self.influence(query, query_task=query_task, relevance=relevance)
-            return top_k(scores, k, largest=True), top_k(scores, k, largest=False)
+            props, opps = top_k(scores, k, largest=True), top_k(scores, k, largest=False)
+            return self._shown_pair(props, opps, query, relevance)
         q_feats = self.query_features(query, query_task)
         best: dict[bool, Neighbors] = {}
         for start, scores in self._score_blocks(q_feats, relevance):
             for largest in (True, False):
                 best[largest] = _update(best.get(largest), scores, start, k, largest)
-        return best[True], best[False]
+        return self._shown_pair(best[True], best[False], query, relevance)
 
     def proponents(
         self,

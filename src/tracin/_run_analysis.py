@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 
 from tracin._cluster import Clusters
+from tracin._display import RunDisplay
 from tracin._errors import ConfigError
 from tracin._relevance import Relevance
 from tracin._scoring import Neighbors, lr_weighted_sum
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["RunAnalysis"]
 
 
-class RunAnalysis:
+class RunAnalysis(RunDisplay):
     """Clustering, embedding neighbours and the contrastive self-influence of a `Run`."""
 
     if TYPE_CHECKING:  # provided by Run
@@ -73,7 +74,7 @@ class RunAnalysis:
         """
         from tracin._suspects import mislabel_scores
 
-        return mislabel_scores(cast("Run", self), recipe, k=k, strict=strict)
+        return self._shown(mislabel_scores(cast("Run", self), recipe, k=k, strict=strict))
 
     def embeddings(self, split: str = "train") -> np.ndarray:
         """Stored ``embedding_layer`` activations of ``split``, shape ``(rows, width)``."""
@@ -91,7 +92,11 @@ class RunAnalysis:
         from tracin._analysis import embedding_neighbors
 
         q = self.embeddings(query) if isinstance(query, str) else np.asarray(query)
-        return embedding_neighbors(q, self.embeddings("train"), k)
+        near, far = embedding_neighbors(q, self.embeddings("train"), k)
+        split = query if isinstance(query, str) else None
+        score = "embedding cosine"
+        return (self._shown(near, "nearest by embedding", score, query=split),
+                self._shown(far, "farthest by embedding", score, query=split))  # fmt: skip
 
     def clusters(
         self, n_clusters: int | Literal["auto"] = "auto", rows: Any = None, *, seed: int = 0
@@ -117,7 +122,7 @@ class RunAnalysis:
         """
         from tracin._cluster import cluster_run
 
-        return cluster_run(cast("Run", self), n_clusters, rows, seed=seed)
+        return self._shown(cluster_run(cast("Run", self), n_clusters, rows, seed=seed), rows=rows)
 
     def cluster(
         self,

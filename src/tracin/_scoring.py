@@ -9,7 +9,7 @@ Proponents are the largest scores, opponents the most negative ones.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +38,22 @@ class Neighbors(NamedTuple):
 
     indices: np.ndarray
     scores: np.ndarray
+
+    def _repr_html_(self) -> str:
+        """A notebook table: per query its top rows with scores, labels and examples."""
+        from tracin._display import neighbors_html
+
+        return neighbors_html(self)
+
+    def to_frame(self) -> Any:
+        """A pandas DataFrame, one line per (query, rank): query, rank, row, score, label.
+
+        Raises:
+            MissingDependencyError: pandas is not installed.
+        """
+        from tracin._display import neighbors_frame
+
+        return neighbors_frame(self)
 
 
 def products(q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:

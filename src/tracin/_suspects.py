@@ -21,7 +21,7 @@ stored. Each departure is said in ``notice``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -62,6 +62,26 @@ class MislabelScores:
         """Training row indices, most suspect first; ``top > 0`` keeps that many."""
         order = np.argsort(-self.scores, kind="stable")
         return order[:top] if top > 0 else order
+
+    def _repr_html_(self) -> str:
+        """A notebook table of the most suspect rows: rank, row, score, label, example."""
+        from tracin._display import suspects_html
+
+        return suspects_html(self)
+
+    def to_frame(self) -> Any:
+        """A pandas DataFrame of every row, most suspect first: rank, row, score, label.
+
+        Raises:
+            MissingDependencyError: pandas is not installed.
+        """
+        from tracin._display import suspects_frame
+
+        return suspects_frame(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The fields alone: a notebook view (`tracin._display`) is not pickled."""
+        return {k: v for k, v in vars(self).items() if k != "_tracin_view"}
 
 
 def mislabel_scores(
