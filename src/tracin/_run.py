@@ -392,6 +392,7 @@ class Run(RunAnalysis):
         Raises:
             ConfigError: the store holds no projected features (featurize with ``proj_dim=``),
                 a bad ``damping`` or ``weighting``, or a query the run cannot score.
+            StoreError: the inverses cannot be saved under ``<run>/preconditioner/``.
         """
         from tracin._preconditioned import trak_influence
 
