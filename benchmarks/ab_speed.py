@@ -26,7 +26,7 @@ def main() -> None:
     sys.path.insert(0, src)
     sys.path.insert(0, str(Path(__file__).parent))
     import tracin
-    from tracin._demo import DemoCNN
+    from tracin.experiments import DemoCNN
 
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,8 @@ Throughput in checkpoint-examples per second (examples x checkpoints / seconds) 
 CPU (``torch.set_num_threads(2)``), 3 checkpoints (files ``{"model_state_dict", "lr", "step"}``:
 random perturbations of a briefly trained model, lr 0.1, 0.1, 0.01), on:
 
-- ``democnn``: `tracin._demo.DemoCNN` (~10k parameters) on scikit-learn's digits (8x8), the 1797
+- ``democnn``: `tracin.experiments.DemoCNN` (~10k parameters) on scikit-learn's digits (8x8),
+the 1797
   images repeated 4 times;
 - ``cnn28``: a ~0.83M-parameter CNN on the digits upsampled to 28x28;
 - ``text_mha``: an nn.Embedding (5000 x 128) + 2-layer nn.TransformerEncoder text classifier
@@ -87,10 +88,9 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 import tracin
-from tracin._demo import DemoCNN
-from tracin._hooks import FactoredEngine, supported_layers
-from tracin._params import select_parameters
-from tracin._projection import ProjectionConfig
+from tracin.experiments import DemoCNN
+from tracin.gradients import FactoredEngine, select_parameters, supported_layers
+from tracin.projection import ProjectionConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LRS = (0.1, 0.1, 0.01)

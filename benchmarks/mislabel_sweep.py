@@ -1,11 +1,12 @@
 """Choose the mislabel recipe: every setting, four packaged data sets, two regimes, 3 seeds.
 
 For each data set, regime and seed: flip 10% of the training labels, train the MLP of
-`tracin._eval` (one hidden layer, SGD; ``brief``: 8 epochs, ``memorise``: momentum until 99%
+`tracin.experiments.train_mlp` (one hidden layer, SGD; ``brief``: 8 epochs, ``memorise``: momentum
+until 99%
 training accuracy) while keeping 20 log-spaced checkpoints in memory, then score every row by
 
 - TracIn self-influence and contrastive self-influence (self-influence minus the mean TracIn
-  influence on the k nearest penultimate-embedding neighbours, k in 5/10/20) on
+  influence on the k nearest penultimate-embedding neighbors, k in 5/10/20) on
   ``bias`` (final bias), ``final`` (final weight and bias) or ``all`` parameters, with
   checkpoint weights ``lr``, ``unit`` or ``lr*gap`` (lr times the steps since the previous
   checkpoint: the TracIn sum over every step, approximated);
@@ -39,9 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tracin._analysis import nearest_other_rows
-from tracin._eval import _auroc, _cleanlab_scores, _train, recall_at
-from tracin._recorder import log_spaced_steps
+from tracin.analysis import auroc, nearest_other_rows, recall_at
+from tracin.checkpoints import log_spaced_steps
+from tracin.experiments import cleanlab_scores, train_mlp
 
 LAYERS = ("bias", "final", "all")
 WEIGHTS = ("lr", "unit", "lr*gap")
@@ -50,7 +51,8 @@ N_CKPTS = 20
 CHOOSE_ON = ("digits", "mnist1d")
 REPORT_ON = ("cancer", "mnist5k")
 BASELINES = ("final loss", "summed loss", "cleanlab", "random")
-AGREEMENT_MIN = 0.5  # tracin._suspects.AGREEMENT_MIN
+AGREEMENT_MIN = 0.5  # the agreement threshold of run.mislabel_scores()
+FRACTIONS = (0.05, 0.10, 0.20, 0.30)  # fractions inspected, as `tracin eval mislabel` reports
 AUTO = "default: bias/unit/10, or bias/unit/0 below AGREEMENT_MIN"
 
 
@@ -100,7 +102,7 @@ def load(name: str, seed: int, noise: float = 0.1) -> tuple[torch.Tensor, torch.
 
 
 class MemoryRecorder:
-    """The `CheckpointRecorder` protocol of `tracin._eval._train`, in memory."""
+    """The `CheckpointRecorder` protocol of `tracin.experiments.train_mlp`, in memory."""
 
     def __init__(self, steps: list[int]) -> None:
         self.steps = set(steps)
@@ -134,7 +136,7 @@ def factors(state: dict[str, torch.Tensor], x: np.ndarray, y: np.ndarray) -> dic
 
 
 def sq_and_cross(f: dict[str, np.ndarray], nbrs: np.ndarray) -> dict[str, tuple[Any, Any]]:
-    """Per layer choice: ``(||g_i||^2 (N,), mean_j <g_i, g_j> over neighbours (N,))``."""
+    """Per layer choice: ``(||g_i||^2 (N,), mean_j <g_i, g_j> over neighbors (N,))``."""
     d2, h, d1, x = f["d2"], f["h"], f["d1"], f["x"]
     dd2 = np.einsum("nc,nkc->nk", d2, d2[nbrs])
     hh = np.einsum("nc,nkc->nk", h, h[nbrs])
@@ -218,8 +220,8 @@ def library_check(
     return max(errs)
 
 
-def neighbour_label_agreement(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of each row's 10 nearest embedding neighbours with the same given label."""
+def neighbor_label_agreement(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of each row's 10 nearest embedding neighbors with the same given label."""
     with torch.no_grad():
         emb = model[1](model[0](x)).double().numpy()  # type: ignore[index]
     nbrs = nearest_other_rows(emb, 10)
@@ -228,16 +230,16 @@ def neighbour_label_agreement(model: torch.nn.Module, x: torch.Tensor, y: torch.
 
 
 def backfill(directory: Path) -> None:
-    """Add the neighbour label agreement to results written before it was recorded."""
+    """Add the neighbor label agreement to results written before it was recorded."""
     for path in sorted(directory.glob("*.json")):
         r = json.loads(path.read_text())
-        if "neighbour_label_agreement" in r:
+        if "neighbor_label_agreement" in r:
             continue
         x, y, _ = load(r["data"], r["seed"])
-        model, _ = _train(x, y, Cfg(r["regime"]), r["seed"], None, n_classes=int(y.max()) + 1)
-        r["neighbour_label_agreement"] = neighbour_label_agreement(model, x, y)
+        model, _ = train_mlp(x, y, Cfg(r["regime"]), r["seed"], None, n_classes=int(y.max()) + 1)
+        r["neighbor_label_agreement"] = neighbor_label_agreement(model, x, y)
         path.write_text(json.dumps(r))
-        print(path.name, r["neighbour_label_agreement"], flush=True)
+        print(path.name, r["neighbor_label_agreement"], flush=True)
 
 
 def one(name: str, regime: str, seed: int, check: bool, tmp: Path) -> dict[str, Any]:
@@ -246,30 +248,30 @@ def one(name: str, regime: str, seed: int, check: bool, tmp: Path) -> dict[str, 
     horizon = (8 if regime == "brief" else 150) * -(-len(y) // 32)
     rec = MemoryRecorder(log_spaced_steps(horizon, N_CKPTS))
     t0 = time.perf_counter()
-    model, epochs = _train(x, y, cfg, seed, rec, n_classes=int(y.max()) + 1)
+    model, epochs = train_mlp(x, y, cfg, seed, rec, n_classes=int(y.max()) + 1)
     scores = tracin_scores(rec.saved, model, x, y)
-    scores["cleanlab"] = _cleanlab_scores(x, y, cfg, seed)
+    scores["cleanlab"] = cleanlab_scores(x, y, cfg, seed)
     scores["random"] = np.random.default_rng(seed + 7).random(len(y))
     with torch.no_grad():
         acc = float((model.eval()(x).argmax(1) == y).float().mean())
-    agreement = neighbour_label_agreement(model, x, y)
+    agreement = neighbor_label_agreement(model, x, y)
     rel = library_check(name, model, rec.saved, x, y, scores, tmp) if check else None
     if rel is not None and rel > 1e-4:
         raise SystemExit(f"{name}: closed form differs from the library by {rel:.2e}")
     return {
         "data": name, "regime": regime, "seed": seed, "epochs": epochs, "train_accuracy": acc,
         "checkpoints": len(rec.saved), "seconds": time.perf_counter() - t0, "library_rel_err": rel,
-        "neighbour_label_agreement": agreement,
-        "recall": {k: recall_at(v, flipped).tolist() for k, v in scores.items()},
-        "auroc": {k: _auroc(v, flipped) for k, v in scores.items()},
+        "neighbor_label_agreement": agreement,
+        "recall": {k: recall_at(v, flipped, FRACTIONS).tolist() for k, v in scores.items()},
+        "auroc": {k: auroc(v, flipped) for k, v in scores.items()},
     }  # fmt: skip
 
 
 def summarise(directory: Path) -> str:
     """Markdown: per data set and regime, recall@10% mean ± std over seeds, every method."""
     rows = [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
-    for r in rows:  # the library default: the contrast unless neighbours disagree on labels
-        agree = r.get("neighbour_label_agreement", 1.0)
+    for r in rows:  # the library default: the contrast unless neighbors disagree on labels
+        agree = r.get("neighbor_label_agreement", 1.0)
         pick = "bias/unit/10" if agree >= AGREEMENT_MIN else "bias/unit/0"
         r["recall"][AUTO] = r["recall"][pick]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -302,7 +304,7 @@ def summarise(directory: Path) -> str:
     info = [
         f"{d} {g}: seeds {[r['seed'] for r in rs]}, train acc "
         f"{[round(r['train_accuracy'], 3) for r in rs]}, epochs {[r['epochs'] for r in rs]}, "
-        f"agreement {[round(r.get('neighbour_label_agreement', -1), 3) for r in rs]}"
+        f"agreement {[round(r.get('neighbor_label_agreement', -1), 3) for r in rs]}"
         for (d, g), rs in groups.items()
     ]
     return "\n".join([*lines, "", *info])

@@ -22,8 +22,9 @@ sub-classes, mean over the five superclasses: spherical k-means on TracIn simila
 (`Run.clusters`), average linkage (the former default), k-means on the embeddings. Plus the
 time of spherical k-means on 10^5 synthetic unit vectors.
 
-The measurement lives in the library (`tracin._eval_setup`, `tracin._eval_explain`,
-`tracin._eval_cluster`; `tracin eval explain` and `tracin eval cluster` run the same code); this
+The measurement lives in the library (`tracin.experiments.prepare`, `explain_scores`,
+`cluster_scores`; `tracin eval explain` and `tracin eval cluster` run the same code);
+this
 script runs both on one featurization per data set and seed and writes one JSON.
 
 Settings were chosen on digits (seed 0) and reported on every data set and seed:
@@ -40,9 +41,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tracin._eval_cluster import cluster_scores, timing
-from tracin._eval_explain import COLUMNS, explain_scores
-from tracin._eval_setup import SetupConfig, prepare
+from tracin.experiments import EXPLAIN_COLUMNS as COLUMNS
+from tracin.experiments import SetupConfig, cluster_scores, explain_scores, prepare
+from tracin.experiments import cluster_timing as timing
 
 
 def one(name: str, seed: int, cfg: SetupConfig) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Cost of the engine self-check (`tracin._selfcheck`), against the featurize it guards.
+"""Cost of the engine self-check (`tracin.gradients.verify_engine`) against the featurize it guards.
 
 For each model: ``tracin.featurize(...)`` (engine ``auto``, no store: streaming exact squared
 norms) then ``self_influence()`` on N rows x 2 checkpoints, best of 2 runs, and the self-check
@@ -22,12 +22,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import tracin
-from tracin._batch import pad_rows
-from tracin._demo import DemoCNN
-from tracin._featurize import RunConfig, make_engine
-from tracin._params import eval_mode
-from tracin._projection import ProjectionConfig
-from tracin._selfcheck import EngineChoice, verify_engine
+from tracin.experiments import DemoCNN
+from tracin.gradients import EngineChoice, RunConfig, eval_mode, make_engine, verify_engine
+from tracin.projection import ProjectionConfig
 
 OUT = Path(__file__).parent / "results" / "selfcheck_cost.json"
 
@@ -88,7 +85,7 @@ def measure(name: str, model: nn.Module, data: TensorDataset, n: int) -> dict[st
     names = tuple(n for n, _ in model.named_parameters())
     config = RunConfig(names, ProjectionConfig(), "float32", 4096, 64, "auto")
     weights = {k: v for k, v in states[0].items()}
-    batch, _ = pad_rows(list(data[:64]))
+    batch = list(data[:64])  # 64 rows: a full batch, no padding needed
 
     def build(choice: EngineChoice, exact: bool) -> Any:
         return make_engine(model, config, choice)

@@ -1,4 +1,4 @@
-"""Store scale: exact blockwise neighbours against FAISS on a synthetic store of up to 1e6 rows.
+"""Store scale: exact blockwise neighbors against FAISS on a synthetic store of up to 1e6 rows.
 
 Writes a synthetic float16 store with `FeatureStore` in the layout `tracin.featurize` writes
 (``tracin.open`` reads it), then measures each path in a fresh subprocess so that each peak RSS
@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 
 import tracin
-from tracin._featurize import RunConfig
-from tracin._index import FaissIndex, neighbors
-from tracin._projection import ProjectionConfig
-from tracin._store import SCHEMA_VERSION, FeatureStore
+from tracin.gradients import RunConfig
+from tracin.projection import ProjectionConfig
+from tracin.scoring import FaissIndex, proponents_and_opponents
+from tracin.store import SCHEMA_VERSION, FeatureStore
 
 LRS = (0.5, 0.1, 0.02)
 BLOCK_ROWS = 16384
@@ -218,7 +218,7 @@ class RunningTopK:
 
     def update(self, scores: np.ndarray, start: int) -> None:
         """Fold in ``scores`` ``(rows, Q)`` float32 for rows ``start ...``."""
-        from tracin._scoring import Neighbors, top_k
+        from tracin.scoring import Neighbors, top_k
 
         k, q = self.k, scores.shape[1]
         if self.best is not None:
@@ -257,7 +257,7 @@ def prototype_neighbors(run: tracin.Run, split: str, k: int) -> tuple[Any, Any]:
     """
     import torch
 
-    from tracin._scoring import Neighbors
+    from tracin.scoring import Neighbors
 
     assert run.store is not None
     q = [np.asarray(f.numpy(), np.float32) for f in run.query_features(split)]
@@ -323,7 +323,7 @@ def measure_faiss(path: Path, k: int, kind: str, sweep: list[int], build: dict[s
             index.tune(ef_search=value)
         times = []
         for _ in range(3):
-            t, (pro, opp) = timed(lambda: neighbors(index, queries, k))
+            t, (pro, opp) = timed(lambda: proponents_and_opponents(index, queries, k))
             times.append(t)
         rows.append(
             {

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import tracin
-from tracin._eval import _auroc, recall_at
+from tracin.analysis import auroc, recall_at
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "text_classification.py"
 LAYERS = {
@@ -50,7 +50,7 @@ def losses(tc, model, ckpts, data):
     final = task.train_loss(model.eval(), batch).detach().numpy()
     summed = np.zeros(len(data))
     for c in ckpts:
-        fn = tracin._engine.functional_model(model, c.state_dict())
+        fn = tracin.gradients.functional_model(model, c.state_dict())
         summed += task.train_loss(fn, batch).detach().numpy()
     return final, summed
 
@@ -92,7 +92,7 @@ def one_seed(tc, seed, args, work):
     for label, scores in rankings.items():
         entry = out["methods"].setdefault(label, {})
         entry["recall@10%"] = float(recall_at(scores, flipped, [0.1])[0])
-        entry["auroc"] = _auroc(scores, flipped)
+        entry["auroc"] = auroc(scores, flipped)
     return out
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 import tracin
-from tracin._demo import DemoCNN
+from tracin.experiments import DemoCNN
 
 here = Path(__file__).parent
 x, y = torch.load(here / "data.pt", weights_only=True)
@@ -42,7 +42,7 @@ def setup(work: Path, rows: int) -> Path:
     import torch
     from sklearn.datasets import load_digits
 
-    from tracin._demo import DemoCNN
+    from tracin.experiments import DemoCNN
 
     digits = load_digits()
     reps = -(-rows // len(digits.target))

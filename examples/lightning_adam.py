@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tracin
-from tracin._eval import _auroc, recall_at
+from tracin.analysis import auroc, recall_at
 
 METHODS = (
     "final loss",
@@ -219,7 +219,7 @@ def one_seed(
             for i, name in enumerate(("plain", "adam"))
         },
         "recall_at_10": {k: float(recall_at(s, flipped, (0.1,))[0]) for k, s in scores.items()},
-        "auroc": {k: _auroc(s, flipped) for k, s in scores.items()},
+        "auroc": {k: auroc(s, flipped) for k, s in scores.items()},
         "self_influence": {
             "plain": scores[METHODS[2]].tolist(),
             "adam": scores[METHODS[3]].tolist(),

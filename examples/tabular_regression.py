@@ -20,8 +20,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import tracin
-from tracin._explain import compose_report
-from tracin._report import write_report
+from tracin.report import compose_report, write_report
 
 
 def main(out: Path, epochs: int = 60, seed: int = 0) -> dict:

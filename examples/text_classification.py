@@ -27,8 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 import tracin
-from tracin._explain import compose_report
-from tracin._report import write_report
+from tracin.report import compose_report, write_report
 
 PAD, UNK, CLS = 0, 1, 2
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]"]

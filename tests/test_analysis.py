@@ -1,4 +1,4 @@
-"""Clustering by TracIn similarity and the embedding-neighbour baseline, as library functions."""
+"""Clustering by TracIn similarity and the embedding-neighbor baseline, as library functions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 import tracin
 from conftest import checkpoints
-from tracin._analysis import cluster, embedding_neighbors, similarity_vectors
+from tracin.analysis._similarity import cluster, embedding_neighbors, similarity_vectors
 
 
 def test_embeddings_are_the_layer_output_at_the_last_checkpoint(mlp_setup, tmp_path):

@@ -73,11 +73,11 @@ def inventory(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
 
 
 def test_inventory_reader_reads_the_format(tmp_path: Path) -> None:
-    body = "tracin.open py:function 1 api/tracin/#$ -\ntracin._api.open py:function 2 x/#$ -\n"
+    body = "tracin.open py:function 1 api/tracin/#$ -\ntracin.pipeline.open py:function 2 x/#$ -\n"
     path = tmp_path / "objects.inv"
     header = b"# Sphinx inventory version 2\n# Project: t\n# Version: 0\n# zlib\n"
     path.write_bytes(header + zlib.compress(body.encode()))
-    assert read_inventory(path) == {"tracin.open": 1, "tracin._api.open": 2}
+    assert read_inventory(path) == {"tracin.open": 1, "tracin.pipeline.open": 2}
 
 
 def test_every_public_package_has_an_api_page() -> None:

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 import tracin
 from conftest import checkpoints
-from tracin import _store
-from tracin._cli import app
-from tracin._store import SCHEMA_VERSION
+from tracin.cli._app import app
+from tracin.store import _store
+from tracin.store._store import SCHEMA_VERSION
 
 
 def run_of(setup, **kwargs):

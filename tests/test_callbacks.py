@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tracin
-from tracin import _callbacks
+from tracin.checkpoints import _callbacks
 
 
 class _Tiny(nn.Module):
@@ -123,7 +123,9 @@ def test_missing_extra_names_the_install(monkeypatch, attr, blocked, extra):
     _callbacks.trainer_callback_class.cache_clear()
     _callbacks.lightning_callback_class.cache_clear()
     try:
-        with pytest.raises(tracin.ConfigError, match=rf"pip install 'tracin\[{extra}\]'"):
+        with pytest.raises(
+            tracin.MissingDependencyError, match=rf"pip install 'tracin\[{extra}\]'"
+        ):
             getattr(tracin, attr)
     finally:
         _callbacks.trainer_callback_class.cache_clear()

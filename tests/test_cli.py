@@ -17,7 +17,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import tracin
-from tracin._cli import app
+from tracin.cli._app import app
 
 runner = CliRunner()
 

@@ -9,8 +9,8 @@ from torch.utils.data import TensorDataset
 
 import tracin
 from conftest import checkpoints
-from tracin._analysis import similarity_vectors
-from tracin._cluster import array_source, choose_n_clusters, silhouette, spherical_kmeans
+from tracin.analysis._cluster import array_source, choose_n_clusters, silhouette, spherical_kmeans
+from tracin.analysis._similarity import similarity_vectors
 
 
 def planted(n_per: int, k: int, dim: int, noise: float, seed: int = 0):

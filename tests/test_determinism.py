@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import tracin
-from tracin._demo import DemoCNN
+from tracin.experiments._demo import DemoCNN
 
 BATCHES = (1, 7, 64, 65, 70)
 

@@ -15,8 +15,8 @@ from PIL import Image
 from torch import nn
 
 import tracin
-from tracin._display import MAX_GROUPS, MAX_ITEMS, MissingDependencyError, score_text
-from tracin._display_examples import png_uri
+from tracin.display._examples import png_uri
+from tracin.display._tables import MAX_GROUPS, MAX_ITEMS, MissingDependencyError, score_text
 
 pd = pytest.importorskip("pandas")
 

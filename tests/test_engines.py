@@ -10,9 +10,10 @@ from torch import nn
 
 import tracin
 from conftest import brute_force_grads
-from tracin._engine import FunctionalEngine, FunctionalFeatures
-from tracin._hooks import FactoredEngine
-from tracin._projection import IdentityProjector, ProjectionConfig
+from tracin.gradients._factored import FactoredEngine
+from tracin.gradients._functional import FunctionalEngine, FunctionalFeatures
+from tracin.projection._config import ProjectionConfig
+from tracin.projection._dense import IdentityProjector
 
 ENGINES = ("functional", "factored")
 
@@ -164,7 +165,7 @@ def test_kronecker_convolutions_and_norms(case):
     names = [n for n, _ in model.named_parameters()]
     weights = {k: v.detach() for k, v in model.state_dict().items()}
     eng = FactoredEngine(model, names, ProjectionConfig("kronecker", 4, seed=2))
-    feats, sq = eng.features(weights, ce, batch, checkpoint=5)
+    feats, sq = eng.features(weights, ce, batch, ckpt_key=5)
     exact, _ = FactoredEngine(model, names, ProjectionConfig()).features(weights, ce, batch, 5)
     torch.testing.assert_close(sq, exact.pow(2).sum(1), rtol=1e-12, atol=0)
     assert feats.shape == (6, eng.dim())
@@ -225,7 +226,7 @@ def test_kronecker_projection_is_the_kronecker_product_of_the_exact_gradient():
     names = [n for n, _ in model.named_parameters()]
     weights = {k: v.detach() for k, v in model.state_dict().items()}
     eng = FactoredEngine(model, names, ProjectionConfig("kronecker", 16, seed=4))
-    feats, sq = eng.features(weights, ce, (x, y), checkpoint=9)
+    feats, sq = eng.features(weights, ce, (x, y), ckpt_key=9)
     exact, _ = FactoredEngine(model, names, ProjectionConfig()).features(weights, ce, (x, y), 9)
     # layer 0: weight (7 x 5) then bias (7): G_aug = [W | b] is 7 x 6
     g0 = torch.cat([exact[:, :35].reshape(6, 7, 5), exact[:, 35:42].reshape(6, 7, 1)], 2)
@@ -281,7 +282,7 @@ def test_kronecker_projects_unhooked_parameters_densely():
     names = [n for n, _ in model.named_parameters()]
     weights = {k: v.detach() for k, v in model.state_dict().items()}
     eng = FactoredEngine(model, names, ProjectionConfig("kronecker", 16, seed=3))
-    feats, sq = eng.features(weights, ce, batch, checkpoint=4)
+    feats, sq = eng.features(weights, ce, batch, ckpt_key=4)
     exact, exact_sq = FactoredEngine(model, names, ProjectionConfig()).features(
         weights, ce, batch, 4
     )

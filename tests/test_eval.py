@@ -11,14 +11,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import tracin
-from tracin._eval import (
+from tracin.analysis import auroc, recall_at
+from tracin.experiments._mislabel import (
     BIAS,
     CONTRAST,
     PAPER,
     MislabelConfig,
-    _auroc,
     evaluate_mislabel,
-    recall_at,
 )
 
 
@@ -26,7 +25,7 @@ def test_auroc_matches_sklearn_with_ties():
     rng = np.random.default_rng(0)
     flags = rng.random(200) < 0.2
     for scores in (rng.normal(size=200), rng.integers(0, 5, 200).astype(float)):
-        assert _auroc(scores, flags) == pytest.approx(roc_auc_score(flags, scores), abs=1e-12)
+        assert auroc(scores, flags) == pytest.approx(roc_auc_score(flags, scores), abs=1e-12)
 
 
 def test_recall_at():
@@ -67,7 +66,7 @@ def test_tracin_leads_over_three_seeds(regime):
         assert tracin_best >= baseline_best - 0.02, at10
 
 
-def test_contrastive_self_influence_is_self_minus_mean_neighbour_influence(mlp_setup, tmp_path):
+def test_contrastive_self_influence_is_self_minus_mean_neighbor_influence(mlp_setup, tmp_path):
     model, train, _, states = mlp_setup
     ckpts = tracin.Checkpoints.from_state_dicts(states, lr=[0.5, 0.1, 0.02])
     data = torch.utils.data.TensorDataset(*train)
@@ -77,9 +76,9 @@ def test_contrastive_self_influence_is_self_minus_mean_neighbour_influence(mlp_s
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     sims = unit @ unit.T
     np.fill_diagonal(sims, -np.inf)
-    neighbours = np.argsort(-sims, axis=1, kind="stable")[:, :4]
+    neighbors = np.argsort(-sims, axis=1, kind="stable")[:, :4]
     full = run.influence(train)  # (query = train rows, N)
-    want = np.diag(full) - np.take_along_axis(full, neighbours, 1).mean(1)
+    want = np.diag(full) - np.take_along_axis(full, neighbors, 1).mean(1)
     np.testing.assert_allclose(run.contrastive_self_influence(4), want, rtol=1e-5, atol=1e-9)
     per_ckpt = run.self_influence_by_checkpoint().sum(0)
     unit = tracin.Checkpoints.from_state_dicts(states, lr=[1.0, 1.0, 1.0])
@@ -91,5 +90,5 @@ def test_contrastive_self_influence_is_self_minus_mean_neighbour_influence(mlp_s
         unit_run.contrastive_self_influence(4), rtol=1e-5, atol=1e-9,
     )  # fmt: skip
     assert np.allclose(np.diag(unit_run.influence(train)), per_ckpt)
-    with pytest.raises(tracin.ConfigError, match="k=30 must be an integer between 1 and 29"):
+    with pytest.raises(tracin.ConfigError, match="k=30 must be an integer between 1 and the 29"):
         run.contrastive_self_influence(30)

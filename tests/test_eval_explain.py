@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tracin._cli import app
 from tracin._errors import ConfigError
-from tracin._eval_cluster import KMEANS, TRACIN, ClusterResult, cluster_scores
-from tracin._eval_explain import (
+from tracin.cli._app import app
+from tracin.experiments._cluster import KMEANS, TRACIN, ClusterResult, cluster_scores
+from tracin.experiments._explain import (
     DEFAULT,
     EMBEDDING,
     PREDICTED,
@@ -23,7 +23,7 @@ from tracin._eval_explain import (
     _spearman_rows,
     explain_scores,
 )
-from tracin._eval_setup import SetupConfig, prepare
+from tracin.experiments._setup import SetupConfig, prepare
 
 # 400 training rows, 30 epochs (~380 SGD steps), 4 checkpoints: ~15 s of CPU on one thread
 FAST = SetupConfig(data=("digits",), seeds=(0,), rows=400, test_rows=200, epochs=30,

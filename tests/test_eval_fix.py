@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tracin._cli import app
 from tracin._errors import ConfigError
-from tracin._eval import FRACTIONS, PAPER
-from tracin._eval_fix import (
+from tracin.cli._app import app
+from tracin.experiments._fix import (
     CLEANLAB,
     DEFAULT,
     ORACLE,
@@ -26,6 +25,7 @@ from tracin._eval_fix import (
     evaluate_fix,
     load_data,
 )
+from tracin.experiments._mislabel import FRACTIONS, PAPER
 
 runner = CliRunner()
 METHODS = {DEFAULT, PAPER, SELF_INFLUENCE, ORACLE, CLEANLAB, "final loss",

@@ -79,7 +79,7 @@ def test_lightning_adam(tmp_path):
     # preconditioned, once the first epoch's checkpoints (Adam's second moment from a few
     # batches) are left out; with them it is near chance (docs/text.md)
     assert recall["TracIn + Adam, steps >= 1 epoch"] > 0.3
-    # read back from the store: the same self-influence and neighbours, no model needed
+    # read back from the store: the same self-influence and neighbors, no model needed
     for name, scores in (("plain", plain), ("adam", adam)):
         run = tracin.open(tmp_path / "seed_0" / name)
         assert np.allclose(run.self_influence(), scores)

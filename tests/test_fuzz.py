@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tracin
-from tracin._scoring import Neighbors, lr_weighted_sum, merge_top_k, top_k
-from tracin._store import FeatureStore
+from tracin.scoring._maths import Neighbors, lr_weighted_sum, merge_top_k, top_k
+from tracin.store._store import FeatureStore
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -62,9 +62,9 @@ def test_lr_weighted_sum(lrs, seed):
 
 def stored_run(n, dims, block_rows, lrs, dtype, seed, ties=False):
     """A Run over a synthetic in-memory store (no model): the scoring path alone."""
-    from tracin._featurize import RunConfig
-    from tracin._projection import ProjectionConfig
     from tracin._run import Run
+    from tracin.gradients._engines import RunConfig
+    from tracin.projection._config import ProjectionConfig
 
     rng = np.random.default_rng(seed)
     store = FeatureStore(None)

@@ -15,10 +15,15 @@ import torch
 from torch import nn
 
 import tracin
-from tracin._featurize import make_engine
-from tracin._params import fit_state
-from tracin._precondition import PreconditionedFeatures, group_scales, needs_group_scaling
-from tracin._projection import ProjectionConfig, make_projector
+from tracin.gradients._engines import make_engine
+from tracin.gradients._params import fit_state
+from tracin.gradients._preconditioned import (
+    PreconditionedFeatures,
+    group_scales,
+    needs_group_scaling,
+)
+from tracin.projection._config import ProjectionConfig
+from tracin.projection._dense import make_projector
 
 # (first layer's lr, last layer's lr) in force after each checkpoint; the larger one moves
 LRS = [(0.3, 0.05), (0.02, 0.2), (0.07, 0.11)]
@@ -98,7 +103,7 @@ def _engine_scores(model, ckpts, xs, ys, xq, yq):
     task = tracin.ClassificationTask()
     infl, self_inf = 0.0, 0.0
     for c in ckpts:
-        weights = engine.bind_checkpoint(fit_state(model, c.state_dict(), c.id), c)
+        weights = engine.prepare(c, fit_state(model, c.state_dict(), c.id))
         g, sq = engine.features(weights, task.train_loss, (xs, ys), 0)
         q, _ = engine.features(weights, task.train_loss, (xq, yq), 0)
         infl = infl + c.lr * (q @ g.T).numpy()
@@ -215,7 +220,7 @@ def test_adam_preconditioning_composes_with_group_lrs(tmp_path):
     got = 0.0
     want = np.zeros(len(xs))
     for c in ckpts:
-        weights = engine.bind_checkpoint(fit_state(model, c.state_dict(), c.id), c)
+        weights = engine.prepare(c, fit_state(model, c.state_dict(), c.id))
         got = got + c.lr * engine.sqnorms(weights, tracin.ClassificationTask().train_loss,
                                           (xs, ys)).numpy()  # fmt: skip
         payload = c.payload()

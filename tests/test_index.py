@@ -1,4 +1,4 @@
-"""Neighbour indexes: every implementation against the dense top-k, approximate recall, save and
+"""Neighbor indexes: every implementation against the dense top-k, approximate recall, save and
 load, and the missing-FAISS message."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import tracin
-from tracin._index import ExactIndex, FaissIndex, NeighborIndex, neighbors
-from tracin._scoring import top_k
+from tracin.scoring._index import ExactIndex, FaissIndex, NeighborIndex, proponents_and_opponents
+from tracin.scoring._maths import top_k
 
 pytest.importorskip("faiss")
 
@@ -72,7 +72,7 @@ def test_folded_queries_give_the_dense_scores(setup):
 @pytest.mark.parametrize("name", ["exact", "flat"])
 def test_exact_indexes_equal_dense_top_k(setup, name):
     run, q, dense = setup
-    pro, opp = neighbors(BUILDERS[name](run), q, K)
+    pro, opp = proponents_and_opponents(BUILDERS[name](run), q, K)
     for got, largest in ((pro, True), (opp, False)):
         want = top_k(dense, K, largest=largest)
         assert got.indices.dtype == np.int64 and got.scores.dtype == np.float64
@@ -86,7 +86,7 @@ def test_exact_indexes_equal_dense_top_k(setup, name):
 @pytest.mark.parametrize("name", ["hnsw", "ivf"])
 def test_approximate_recall_at_10(setup, name):
     run, q, dense = setup
-    pro, opp = neighbors(BUILDERS[name](run), q, K)
+    pro, opp = proponents_and_opponents(BUILDERS[name](run), q, K)
     for got, largest in ((pro, True), (opp, False)):
         want = top_k(dense, K, largest=largest)
         r = recall(got.indices, want.indices)
@@ -104,7 +104,9 @@ def test_save_load_round_trip(setup, tmp_path, name):
     index.save(tmp_path / "index" / f"{name}.faiss")
     loaded = FaissIndex.load(tmp_path / "index" / f"{name}.faiss")
     assert loaded.ntotal == index.ntotal == N_TRAIN
-    for got, want in zip(neighbors(loaded, q, K), neighbors(index, q, K), strict=True):
+    for got, want in zip(
+        proponents_and_opponents(loaded, q, K), proponents_and_opponents(index, q, K), strict=True
+    ):
         np.testing.assert_array_equal(got.indices, want.indices)
         np.testing.assert_array_equal(got.scores, want.scores)
     assert [p.name for p in (tmp_path / "index").iterdir()] == [f"{name}.faiss"]
@@ -145,8 +147,8 @@ def test_bad_inputs_raise_config_error(setup, tmp_path):
 def test_missing_faiss_names_the_extra(setup, monkeypatch):
     run, _, _ = setup
     monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
-    with pytest.raises(tracin.ConfigError, match=r"pip install 'tracin\[faiss\]'"):
+    with pytest.raises(tracin.MissingDependencyError, match=r"pip install 'tracin\[faiss\]'"):
         FaissIndex.build(run, "flat")
-    with pytest.raises(tracin.ConfigError, match=r"tracin\[faiss\]"):
+    with pytest.raises(tracin.MissingDependencyError, match=r"tracin\[faiss\]"):
         FaissIndex.load("anything.faiss")
     ExactIndex(run).search(run.folded_queries("train")[:2], 3)  # needs no FAISS

@@ -20,9 +20,9 @@ from torch import nn
 
 import tracin
 from conftest import brute_force_grads, brute_force_influence
-from tracin._hooks import FactoredEngine
-from tracin._layers import shared_parameters, supported_layers
-from tracin._projection import ProjectionConfig
+from tracin.gradients._factored import FactoredEngine
+from tracin.gradients._layers import shared_parameters, supported_layers
+from tracin.projection._config import ProjectionConfig
 
 LRS = (0.3, 1.7)
 
@@ -77,7 +77,9 @@ def _first_name(model, param):
 
 
 def weights_of(model):
-    """Checkpoint weights keyed as `tracin._params.fit_state` keys them (ties named once)."""
+    """Checkpoint weights keyed as `tracin.gradients._params.fit_state` keys them (ties named
+    once).
+    """
     named = [*model.named_parameters(), *model.named_buffers()]
     return {k: v.detach() for k, v in named}
 

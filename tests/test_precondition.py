@@ -82,7 +82,7 @@ def test_matches_bruteforce_oracle(tmp_path, reorder, amsgrad, layers, store):
         store=tmp_path / "store" if store else None, dtype="float64", layers=layers,
         batch_size=7, precondition="adam",
     )  # fmt: skip
-    names = tracin._params.select_parameters(model, layers)
+    names = tracin.gradients._params.select_parameters(model, layers)
     infl, self_inf = _oracle(model, ckpts, x, y, xq, yq, names)
     np.testing.assert_allclose(run.self_influence(), self_inf, rtol=1e-9)
     np.testing.assert_allclose(run.influence((xq, yq)), infl, rtol=1e-8, atol=1e-12)

@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import tracin
-from tracin._preconditioned import kernel_inverse, preconditioner
-from tracin._projection import DenseProjector, ProjectionConfig, checkpoint_key
+from tracin.projection._config import ProjectionConfig, checkpoint_key
+from tracin.projection._dense import DenseProjector
+from tracin.scoring._trak import kernel_inverse, preconditioner
 
 N_TRAIN, N_QUERY, DIM = 60, 5, 16
 LRS = [0.5, 0.1]

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 import tracin
 from conftest import checkpoints
-from tracin._cli import app
 from tracin._progress import ProgressReporter
+from tracin.cli._app import app
 
 
 class Recorder:

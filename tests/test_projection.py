@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import tracin
-from tracin._projection import DenseProjector, ProjectionConfig
+from tracin.projection._config import ProjectionConfig
+from tracin.projection._dense import DenseProjector
 
 
 def grads(n: int = 40, p: int = 3000, seed: int = 0) -> torch.Tensor:

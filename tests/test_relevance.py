@@ -10,8 +10,8 @@ from torch.utils.data import TensorDataset
 
 import tracin
 from conftest import LRS, brute_force_grads, checkpoints, rows_of
-from tracin._index import ExactIndex, FaissIndex, neighbors
-from tracin._relevance import checkpoint_weights, inverse_norms
+from tracin.scoring._index import ExactIndex, FaissIndex, proponents_and_opponents
+from tracin.scoring._relevance import checkpoint_weights, inverse_norms
 
 RTOL = 1e-8
 
@@ -108,7 +108,7 @@ def test_projected_cosine_is_the_cosine_of_the_stored_features(mlp_setup, tmp_pa
     np.testing.assert_array_equal(props.indices, np.argsort(-expected, axis=1)[:, :4])
     # the cosine index over unit folded vectors finds the same rows
     index = ExactIndex(run, relevance="cosine")
-    found, _ = neighbors(index, run.folded_queries("test", relevance="cosine"), 4)
+    found, _ = proponents_and_opponents(index, run.folded_queries("test", relevance="cosine"), 4)
     np.testing.assert_array_equal(found.indices, props.indices)
     flat = FaissIndex.build(run, "flat", relevance="cosine")
     np.testing.assert_array_equal(

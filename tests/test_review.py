@@ -19,8 +19,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 import tracin
-from tracin._cli import app
 from tracin._errors import ConfigError, DataError
+from tracin.cli._app import app
 
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")

@@ -28,7 +28,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import tracin  # noqa: E402
 from test_review import build_review_store  # noqa: E402
-from tracin._cli import app  # noqa: E402
+from tracin.cli._app import app  # noqa: E402
 
 SHOTS = Path(__file__).resolve().parent.parent / "screenshots" / "review"
 

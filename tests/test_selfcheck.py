@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import tracin
-from tracin._engine import row_sqnorms
 from tracin._errors import EngineError, TracInWarning
+from tracin.gradients._functional import row_sqnorms
 
 LRS = [0.3, 0.07]
 

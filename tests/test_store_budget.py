@@ -13,8 +13,8 @@ from torch.utils.data import TensorDataset
 
 import tracin
 from conftest import checkpoints, train_states
-from tracin._api import KEEP_DIM
-from tracin._store import StorePlan
+from tracin.pipeline._api import KEEP_DIM
+from tracin.store._store import StorePlan
 
 
 def featurize(setup, store, **kwargs):

@@ -24,11 +24,11 @@ import tracin
 from conftest import checkpoints
 from resume_worker import main as resume_worker_main
 from test_cli import write_spec
-from tracin import _lock
-from tracin._cli import app
-from tracin._lock import StoreLock
-from tracin._manifest import task_fingerprint
-from tracin._store import SCHEMA_VERSION
+from tracin.cli._app import app
+from tracin.store import _lock
+from tracin.store._lock import StoreLock
+from tracin.store._manifest import task_fingerprint
+from tracin.store._store import SCHEMA_VERSION
 
 
 def featurize(setup, store, task=None, **kwargs):

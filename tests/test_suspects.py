@@ -12,8 +12,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 import tracin
-from tracin._cli import app
-from tracin._suspects import mislabel_scores
+from tracin.analysis._suspects import mislabel_scores
+from tracin.cli._app import app
 from tracin.review._data import rank_scores
 
 LRS = [0.5, 0.1, 0.02]
@@ -116,10 +116,10 @@ def test_cli_suspects_and_review_use_the_library_ranking(setup):
     np.testing.assert_array_equal(scores, want.scores)
 
 
-def test_contrast_needs_neighbours_that_share_a_label(setup, monkeypatch):
+def test_contrast_needs_neighbors_that_share_a_label(setup, monkeypatch):
     _, _, _, y, run, _ = setup
-    from tracin import _suspects
-    from tracin._analysis import nearest_other_rows
+    from tracin.analysis import _suspects
+    from tracin.analysis._similarity import nearest_other_rows
 
     nbrs = nearest_other_rows(run.embeddings("train"), 10)
     want = float((y.numpy()[nbrs] == y.numpy()[:, None]).mean())  # labels read back exactly

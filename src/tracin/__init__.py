@@ -14,29 +14,29 @@ gradient of the per-example loss (or of a prediction score, for unlabelled queri
 ``tracin.TracInTrainerCallback`` (Hugging Face ``Trainer``, extra ``[hf]``) and
 ``tracin.TracInLightningCallback`` (extra ``[lightning]``) record checkpoints like
 `CheckpointRecorder`; they are built on first access, so ``import tracin`` imports neither package.
+
+This module holds the user API. The roles of the data flow are subpackages, each with its contract
+in its ``__init__``: `tracin.checkpoints`, `tracin.gradients`, `tracin.projection`, `tracin.store`,
+`tracin.scoring`, `tracin.analysis`, `tracin.pipeline` (featurize, open), `tracin.report`,
+`tracin.review`, `tracin.cli` and `tracin.experiments` (the demo and the evaluations).
 """
 
 from typing import Any
 
-from tracin._api import featurize, open
-from tracin._checkpoints import Checkpoint, Checkpoints
 from tracin._errors import (
     CheckpointError,
     ConfigError,
     DataError,
     EngineError,
+    HookError,
+    MissingDependencyError,
+    StoreError,
     TaskError,
     TracInError,
     TracInWarning,
 )
-from tracin._ideal import TracInIdeal
-from tracin._index import ExactIndex, FaissIndex, NeighborIndex
-from tracin._index import neighbors as index_neighbors
 from tracin._predicted import PredictedClassTask
-from tracin._recorder import CheckpointRecorder, log_spaced_steps
 from tracin._run import Run
-from tracin._scoring import Neighbors
-from tracin._store import StoreError
 from tracin._task import (
     ClassificationTask,
     MultiLabelClassificationTask,
@@ -44,39 +44,42 @@ from tracin._task import (
     Task,
     check_task,
 )
-from tracin.review._decisions import ReviewedLabels, apply_decisions, read_decisions
-
-__version__ = "0.1.0"
-
-_CALLBACKS = {"TracInTrainerCallback": "trainer", "TracInLightningCallback": "lightning"}
+from tracin._version import __version__
+from tracin.analysis import Clusters, MislabelScores
+from tracin.checkpoints import Checkpoint, CheckpointRecorder, Checkpoints, log_spaced_steps
+from tracin.pipeline import TracInIdeal, featurize, open
+from tracin.review import ReviewedLabels, apply_decisions, read_decisions
+from tracin.scoring import ExactIndex, FaissIndex, NeighborIndex, Neighbors
 
 
 def __getattr__(name: str) -> Any:
     """Build the optional framework callbacks on first access (their packages are extras)."""
-    if name in _CALLBACKS:
-        from tracin import _callbacks
+    if name in ("TracInTrainerCallback", "TracInLightningCallback"):
+        from tracin import checkpoints
 
-        if _CALLBACKS[name] == "trainer":
-            return _callbacks.trainer_callback_class()
-        return _callbacks.lightning_callback_class()
+        return getattr(checkpoints, name)
     raise AttributeError(f"module 'tracin' has no attribute {name!r}")
 
 
 __all__ = [
     "Checkpoint",
-    "CheckpointRecorder",
     "CheckpointError",
+    "CheckpointRecorder",
     "Checkpoints",
     "ClassificationTask",
+    "Clusters",
     "ConfigError",
     "DataError",
     "EngineError",
     "ExactIndex",
     "FaissIndex",
+    "HookError",
+    "MislabelScores",
+    "MissingDependencyError",
     "MultiLabelClassificationTask",
     "NeighborIndex",
-    "PredictedClassTask",
     "Neighbors",
+    "PredictedClassTask",
     "RegressionTask",
     "ReviewedLabels",
     "Run",
@@ -90,7 +93,6 @@ __all__ = [
     "apply_decisions",
     "check_task",
     "featurize",
-    "index_neighbors",
     "log_spaced_steps",
     "open",
     "read_decisions",

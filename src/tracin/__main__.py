@@ -1,5 +1,5 @@
 """``python -m tracin``."""
 
-from tracin._cli import main
+from tracin.cli._app import main
 
 main()

@@ -27,6 +27,7 @@ from torch.utils.data import (
 from tracin._errors import DataError, TaskError
 
 __all__ = [
+    "products",
     "Batch",
     "Data",
     "MIN_ROWS",
@@ -239,3 +240,16 @@ def iter_batches(data: Data | Batch, batch_size_: int) -> Iterator[Batch]:
     n = batch_size(data)
     for start in range(0, n, batch_size_):
         yield slice_batch(data, start, min(start + batch_size_, n))
+
+
+def products(q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``q @ f.T`` over ``f`` padded with zero rows to a multiple of `MIN_ROWS` (then dropped).
+
+    Like the gradients (see `MIN_ROWS`), the product kernel's summation order
+    depends on the shapes (a lone edge column is summed differently): padding keeps every score
+    bitwise the same whatever the batch size.
+    """
+    n = f.shape[0]
+    if n % MIN_ROWS:
+        f = torch.cat([f, f.new_zeros(MIN_ROWS - n % MIN_ROWS, *f.shape[1:])])
+    return (q @ f.T)[:, :n]

@@ -12,6 +12,8 @@ __all__ = [
     "DataError",
     "EngineError",
     "HookError",
+    "MissingDependencyError",
+    "StoreError",
     "TaskError",
     "TracInError",
     "TracInWarning",
@@ -52,6 +54,14 @@ class HookError(EngineError, TaskError):
     def __init__(self, message: str, params: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.params = params
+
+
+class StoreError(TracInError):
+    """The store on disk is missing, corrupted, or was written with another configuration."""
+
+
+class MissingDependencyError(TracInError, ImportError):
+    """An optional package is not installed; the message names the extra to install."""
 
 
 class TracInWarning(UserWarning):

@@ -21,31 +21,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from tracin._batch import Batch, Data, iter_batches
-from tracin._checkpoints import Checkpoints
-from tracin._errors import ConfigError, DataError
-from tracin._featurize import RunConfig
-from tracin._params import eval_mode
-from tracin._relevance import (
+from tracin._batch import Batch, Data
+from tracin._errors import ConfigError
+from tracin._run_analysis import RunAnalysis
+from tracin._task import Task
+from tracin._validate import integer
+from tracin.checkpoints._checkpoints import Checkpoints
+from tracin.gradients._engines import RunConfig
+from tracin.gradients._params import eval_mode
+from tracin.gradients._source import GradientSource
+from tracin.scoring._maths import (
+    Neighbors,
+    fold,
+    lr_weighted_sum,
+)
+from tracin.scoring._relevance import (
     Relevance,
     check_relevance,
     checkpoint_weights,
-    inverse_norms,
-    normalises,
 )
-from tracin._run_analysis import RunAnalysis
-from tracin._scoring import (
-    Neighbors,
-    fold,
-    lr_scaled_concat,
-    lr_weighted_sum,
-    merge_top_k,
-    products,
-    top_k,
-)
-from tracin._source import GradientSource
-from tracin._store import FeatureStore, StoreError
-from tracin._task import Task
+from tracin.scoring._stored import StoredScorer
+from tracin.scoring._streaming import StreamingScorer
+from tracin.scoring._trak import trak_influence
+from tracin.store._store import FeatureStore
 
 __all__ = ["Run"]
 
@@ -87,6 +85,12 @@ class Run(RunAnalysis):
         self._sqnorms = sqnorms
         self.progress: Callable[[str, int, int], None] | None = None
         """``progress(stage, rows, total)`` after each block or batch of a scoring pass."""
+        self._stored = StoredScorer(store, config, ckpt_ids, lrs, self.split_rows, self._advance)
+        self._scorer: StoredScorer | StreamingScorer = self._stored
+        if streaming:
+            self._scorer = StreamingScorer(
+                source, task, checkpoints, train_data, self._stored, self._advance
+            )
 
     @property
     def model(self) -> nn.Module | None:
@@ -112,7 +116,7 @@ class Run(RunAnalysis):
 
     # --- influence ----------------------------------------------------------------------------
     def _n_blocks(self) -> int:
-        return -(-self.n_train // self.config.block_rows)
+        return self._stored.n_blocks()
 
     def _need_source(self, what: str) -> GradientSource:
         if self._source is None or self.checkpoints is None:
@@ -125,7 +129,13 @@ class Run(RunAnalysis):
     def query_features(
         self, query: Data | Batch | str, query_task: Task | None = None
     ) -> list[torch.Tensor]:
-        """Query features per checkpoint, each ``(Q, dim)`` float32 (or the model's dtype)."""
+        """Query features per checkpoint, each ``(Q, dim)`` float32 (or the model's dtype).
+
+        Raises:
+            ConfigError: a split name on a streaming run, or a query batch on a run without the
+                model (reopen with ``tracin.open(path, model=..., task=...)``).
+            StoreError: the split is not in the store.
+        """
         if isinstance(query, str):
             if self.streaming and (query == "train" or query not in self.split_rows):
                 raise ConfigError(
@@ -148,87 +158,31 @@ class Run(RunAnalysis):
         return torch.from_numpy(self.read_split(split, ckpt_id))
 
     def read_split(self, split: str, key: str) -> np.ndarray:
-        """All stored rows of ``split`` for checkpoint id (or embedding) ``key``."""
-        if split not in self.split_rows:
-            raise StoreError(
-                f"split {split!r} is not in the store (it has {sorted(self.split_rows)}); "
-                "featurize it with queries={...}"
-            )
-        blocks = -(-self.split_rows[split] // self.config.block_rows)
-        parts = [np.asarray(self.store.read_block(split, key, k)[0]) for k in range(blocks)]
-        return np.concatenate(parts)
+        """All stored rows of ``split`` for checkpoint id (or embedding) ``key``.
 
-    def _score_blocks(
+        Raises:
+            StoreError: ``split`` is not in the store.
+        """
+        return self._stored.read_split(split, key)
+
+    def score_blocks(
         self, q_feats: list[torch.Tensor], relevance: Relevance = "tracin"
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """``(start_row, (Q, rows) scores)`` for each stored block of training rows.
+        """``(start_row, (Q, rows) scores)`` for each stored block of training rows, one pass.
 
-        Blocks are converted to float32 (float64 for a float64 store) before multiplying: a
-        float16 matrix multiply is far slower on CPUs, and scores accumulate in float32 or better.
-        ``relevance`` (see `tracin._relevance`) divides rows by their per-checkpoint norms.
+        The blockwise scorer under `influence` and `neighbors` (memory: one block), for callers
+        that hold query features already (e.g. a stored row, as ``tracin review`` does).
+
+        Args:
+            q_feats: per checkpoint, the queries' features ``(Q, dim)`` (`query_features`).
+            relevance: ``"tracin"`` (raw), ``"cosine"`` or ``"relatif"`` (see `Relevance`).
         """
-        dtype = torch.float64 if self.config.dtype == "float64" else torch.float32
-        weights = checkpoint_weights(self.lrs, relevance)
-        queries = [self._normalised(q.to(dtype), relevance, "query") for q in q_feats]
-        if self.config.projection.kind == "last_layer":  # per-checkpoint products of factors
-            for k in range(self._n_blocks()):
-                terms = []
-                for w, ckpt_id, q in zip(weights, self.ckpt_ids, queries, strict=True):
-                    block = torch.from_numpy(
-                        np.asarray(self.store.read_block("train", ckpt_id, k)[0])
-                    ).to(dtype)
-                    inner = self._inner(q, block)
-                    if normalises(relevance, "train"):
-                        inner = inner * inverse_norms(self._feature_norms(block))
-                    terms.append((w, inner.numpy()))
-                self._advance("score", len(block))
-                yield k * self.config.block_rows, lr_weighted_sum(terms)
-            return
-        # one multiply per block: [w_1 q_1, ..., w_C q_C] @ [f_1, ..., f_C]^T, K = C x dim
-        q_cat = lr_scaled_concat(weights, queries)
-        buffer: torch.Tensor | None = None
-        for k in range(self._n_blocks()):
-            blocks = [self.store.read_block("train", c, k)[0] for c in self.ckpt_ids]
-            rows = len(blocks[0])
-            if buffer is None or buffer.shape[0] != rows:
-                buffer = torch.empty(rows, q_cat.shape[1], dtype=dtype)
-            col = 0
-            for part in blocks:  # float16 -> float32 in a reused buffer: float16 matmul is slow
-                view = buffer[:, col : col + part.shape[1]]
-                view.copy_(torch.from_numpy(part))
-                if normalises(relevance, "train"):
-                    view.mul_(inverse_norms(self._feature_norms(view))[:, None])
-                col += part.shape[1]
-            self._advance("score", rows)
-            yield k * self.config.block_rows, products(q_cat, buffer).double().numpy()
-
-    def _feature_norms(self, f: torch.Tensor) -> torch.Tensor:
-        """Per-row norm of the gradient the features stand for, ``(rows,)``.
-
-        Last-layer factors ``[a, d]`` give ``||d a^T|| = ||a|| ||d||``; other features their own
-        Euclidean norm (exact gradients, or their projection).
-        """
-        split = self.config.projection.split
-        if self.config.projection.kind == "last_layer" and split is not None:
-            norms: torch.Tensor = f[:, :split].norm(dim=1) * f[:, split:].norm(dim=1)
-            return norms
-        norms = f.norm(dim=1)
-        return norms
+        return self._stored.score_blocks(q_feats, relevance)
 
     def _normalised(
         self, f: torch.Tensor, relevance: Relevance, side: Literal["query", "train"]
     ) -> torch.Tensor:
-        """``f`` with rows divided by their gradient norms when ``relevance`` asks for it.
-
-        Last-layer factors ``[a, d]`` have only ``d`` scaled: the gradient ``d a^T`` is bilinear.
-        """
-        if not normalises(relevance, side):
-            return f
-        inv = inverse_norms(self._feature_norms(f))[:, None].to(f.dtype)
-        split = self.config.projection.split
-        if self.config.projection.kind == "last_layer" and split is not None:
-            return torch.cat([f[:, :split], f[:, split:] * inv], dim=1)
-        return f * inv
+        return self._stored.normalised(f, relevance, side)
 
     def folded_queries(
         self,
@@ -264,79 +218,25 @@ class Run(RunAnalysis):
             relevance: ``"tracin"`` (raw features), ``"cosine"`` or ``"relatif"`` (each
                 checkpoint's rows divided by their gradient norms). With ``"cosine"`` and the
                 default weights, the vectors have unit norm (zero-gradient rows: zero).
+
+        Raises:
+            ConfigError: the run stores no training features (an exact streaming run), or an unknown
+                ``relevance``.
         """
         relevance = check_relevance(relevance)
         if self.streaming:
             raise ConfigError(
                 "folded vectors need stored features: featurize with a store or proj_dim"
             )
-        weights = list(weights) if weights is not None else checkpoint_weights(self.lrs, relevance)
-        for k in range(self._n_blocks()):
-            feats = []
-            for c in self.ckpt_ids:
-                f = torch.from_numpy(np.asarray(self.store.read_block("train", c, k)[0])).float()
-                feats.append(self._unfactor(self._normalised(f, relevance, "train").numpy()))
-            self._advance("pass over train", len(feats[0]))
-            yield k * self.config.block_rows, fold(weights, feats)
-
-    def _inner(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """Per-checkpoint scores ``(Q, rows)`` from features: ``<g, g'>`` in feature space."""
-        split = self.config.projection.split
-        if self.config.projection.kind == "last_layer" and split is not None:
-            return products(q[:, :split], f[:, :split]) * products(q[:, split:], f[:, split:])
-        return products(q, f)
+        return self._stored.folded_blocks(weights, relevance)
 
     def _unfactor(self, feats: np.ndarray) -> np.ndarray:
         """Last-layer factors ``[a, d]`` -> the flattened gradient ``d a^T`` (else unchanged)."""
-        split = self.config.projection.split
-        if self.config.projection.kind != "last_layer" or split is None:
-            return feats
-        a, d = np.asarray(feats[:, :split], np.float32), np.asarray(feats[:, split:], np.float32)
-        return (d[:, :, None] * a[:, None, :]).reshape(len(feats), -1)
+        return self._stored.unfactor(feats)
 
     def _advance(self, stage: str, rows: int) -> None:
         if self.progress is not None:
             self.progress(stage, rows, self.n_train)
-
-    def _streamed(
-        self, query: Data | Batch | str, query_task: Task | None, relevance: Relevance = "tracin"
-    ) -> np.ndarray:
-        if self._source is None or self._train_data is None:
-            raise ConfigError(
-                "this store holds no training features, so queries stream the training "
-                "gradients again: reopen with tracin.open(path, model=..., task=..., "
-                "train_data=...), or featurize with keep_features=True or proj_dim=..."
-            )
-        source = self._need_source("streaming mode")
-        qtask = _query_task(self.task, query_task)
-        assert self.checkpoints is not None and self.task is not None
-        task = self.task
-        weights = checkpoint_weights(self.lrs, relevance)
-
-        def terms() -> Iterator[tuple[float, np.ndarray]]:
-            assert self.checkpoints is not None
-            for w, checkpoint in zip(weights, self.checkpoints, strict=True):
-                params = source.weights(checkpoint)
-                if isinstance(query, str):  # a stored query split (its features are stored)
-                    q = self._stored_split(query, checkpoint.id).to(_dtype(self.config.dtype))
-                else:
-                    q = source.features(params, checkpoint, qtask.query_score, query, "query")[0]
-                q = self._normalised(q, relevance, "query")
-                out = np.empty((q.shape[0], self.n_train), dtype=np.float64)
-                end = 0
-                for start, g in _train_batches(source, params, task, self._train_data, checkpoint):
-                    end = start + g.shape[0]
-                    if end > self.n_train:
-                        break
-                    g = self._normalised(g, relevance, "train")
-                    out[:, start:end] = products(q.to(g), g).double().cpu().numpy()
-                    self._advance(f"score {checkpoint.id}", g.shape[0])
-                if end != self.n_train:
-                    raise _changed(end, self.n_train)
-                yield w, out
-
-        with eval_mode(source.model):
-            return lr_weighted_sum(terms())
 
     def influence(
         self,
@@ -355,24 +255,15 @@ class Run(RunAnalysis):
                 queries.
             relevance: ``"tracin"`` (default: the raw TracInCP score), or ``"cosine"`` /
                 ``"relatif"`` for the normalised relevances that `neighbors` ranks by
-                (see `tracin._relevance`).
+                (see `tracin.scoring._relevance`).
 
         Raises:
             ConfigError: an unknown ``relevance``, or a query the run cannot score.
         """
         relevance = check_relevance(relevance)
-        if self.streaming:
-            if isinstance(query, str) and (query == "train" or query not in self.split_rows):
-                raise ConfigError(
-                    f"query split {query!r}: this run stores no features for it; pass the query "
-                    "batch itself, or featurize it with queries={...}"
-                )
-            return self._streamed(query, query_task, relevance)
-        q_feats = self.query_features(query, query_task)
-        out = np.empty((q_feats[0].shape[0], self.n_train), dtype=np.float64)
-        for start, scores in self._score_blocks(q_feats, relevance):
-            out[:, start : start + scores.shape[1]] = scores
-        return out
+        if isinstance(self._scorer, StreamingScorer):
+            return self._scorer.influence(query, query_task, relevance)
+        return self._stored.influence(self.query_features(query, query_task), relevance)
 
     def trak_influence(
         self,
@@ -386,7 +277,7 @@ class Run(RunAnalysis):
 
         ``sum_c w_c phi_c(q)^T (Phi_c^T Phi_c + lambda_c I)^{-1} phi_c(z)`` over the stored
         projected features, ``lambda_c = damping * trace(Phi_c^T Phi_c) / k``, ``w_c = 1 / C``
-        (``weighting="mean"``) or ``lr_c`` (``"lr"``); see `tracin._preconditioned` (TRAK, Park
+        (``weighting="mean"``) or ``lr_c`` (``"lr"``); see `tracin.scoring._trak` (TRAK, Park
         et al. 2023). The per-checkpoint inverses are built once per damping and cached.
 
         Raises:
@@ -394,8 +285,6 @@ class Run(RunAnalysis):
                 a bad ``damping`` or ``weighting``, or a query the run cannot score.
             StoreError: the inverses cannot be saved under ``<run>/preconditioner/``.
         """
-        from tracin._preconditioned import trak_influence
-
         return trak_influence(
             self, query, query_task=query_task, damping=damping, weighting=weighting
         )
@@ -424,16 +313,13 @@ class Run(RunAnalysis):
         """
         _check_k(k, self.n_train)
         relevance = check_relevance(relevance)
-        if self.streaming:
-            scores = self.influence(query, query_task=query_task, relevance=relevance)
-            props, opps = top_k(scores, k, largest=True), top_k(scores, k, largest=False)
-            return self._shown_pair(props, opps, query, relevance)
-        q_feats = self.query_features(query, query_task)
-        best: dict[bool, Neighbors] = {}
-        for start, scores in self._score_blocks(q_feats, relevance):
-            for largest in (True, False):
-                best[largest] = _update(best.get(largest), scores, start, k, largest)
-        return self._shown_pair(best[True], best[False], query, relevance)
+        if isinstance(self._scorer, StreamingScorer):
+            props, opps = self._scorer.neighbors(query, k, query_task, relevance)
+        else:
+            props, opps = self._stored.neighbors(
+                self.query_features(query, query_task), k, relevance
+            )
+        return self._shown_pair(props, opps, query, relevance)
 
     def proponents(
         self,
@@ -458,30 +344,6 @@ class Run(RunAnalysis):
         return self.neighbors(query, k, query_task=query_task, relevance=relevance)[1]
 
 
-def _update(
-    best: Neighbors | None, scores: np.ndarray, start: int, k: int, largest: bool
-) -> Neighbors:
-    """Merge one block's ``(Q, rows)`` scores into the running top ``k``.
-
-    Once ``k`` rows are held, only queries with a score strictly beyond their current k-th are
-    touched (equal scores at later rows never displace earlier ones), so most blocks cost one
-    comparison pass instead of a partial sort.
-    """
-    if best is not None and best.indices.shape[1] == k:
-        kth = best.scores[:, -1:]
-        rows = np.flatnonzero((scores > kth if largest else scores < kth).any(axis=1))
-        if rows.size == 0:
-            return best
-        part = top_k(scores[rows], min(k, scores.shape[1]), largest=largest)
-        merged = merge_top_k(Neighbors(best.indices[rows], best.scores[rows]),
-                             Neighbors(part.indices + start, part.scores), k, largest)  # fmt: skip
-        best.indices[rows], best.scores[rows] = merged.indices, merged.scores
-        return best
-    part = top_k(scores, min(k, scores.shape[1]), largest=largest)
-    part = Neighbors(part.indices + start, part.scores)
-    return part if best is None else merge_top_k(best, part, k, largest)
-
-
 def _query_task(task: Task | None, query_task: Task | None) -> Task:
     qtask = task if query_task is None else query_task
     if not isinstance(qtask, Task):
@@ -491,28 +353,5 @@ def _query_task(task: Task | None, query_task: Task | None) -> Task:
     return qtask
 
 
-def _train_batches(
-    source: GradientSource, weights: dict[str, torch.Tensor], task: Task, data: Any, ckpt: Any
-) -> Iterator[tuple[int, torch.Tensor]]:
-    start = 0
-    for batch in iter_batches(data, source.batch_size):
-        g, _ = source.batch_features(weights, task.train_loss, batch, ckpt, start, "train")
-        yield start, g
-        start += g.shape[0]
-
-
-def _changed(end: int, n: int) -> Exception:
-    return DataError(
-        f"the training data now has {'more' if end > n else 'fewer'} rows than the {n} "
-        "featurized; featurize again after changing the data"
-    )
-
-
 def _check_k(k: Any, n: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ConfigError(f"k={k!r} must be an integer between 1 and the {n} training rows")
-
-
-def _dtype(name: str) -> torch.dtype:
-    """The dtype scores of a ``name`` store are computed in: float32, or float64."""
-    return torch.float64 if name == "float64" else torch.float32
+    integer("k", k, maximum=n, of=" training rows")

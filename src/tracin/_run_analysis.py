@@ -1,7 +1,7 @@
 """The analyses a `Run` offers over its stored vectors: clusters, embeddings, the contrast.
 
 A mixin of `tracin._run.Run`, kept apart so each module stays short; the maths live in
-`tracin._analysis` and `tracin._cluster`.
+`tracin.analysis._similarity` and `tracin.analysis._cluster`.
 """
 
 from __future__ import annotations
@@ -11,22 +11,22 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
-from tracin._cluster import Clusters
-from tracin._display import RunDisplay
 from tracin._errors import ConfigError
-from tracin._relevance import Relevance
-from tracin._scoring import Neighbors, lr_weighted_sum
-from tracin._store import EMBEDDING
+from tracin.analysis._cluster import Clusters
+from tracin.display._tables import RunDisplay
+from tracin.scoring._maths import Neighbors, lr_weighted_sum
+from tracin.scoring._relevance import Relevance
+from tracin.store._store import EMBEDDING
 
 if TYPE_CHECKING:
     from tracin._run import Run
-    from tracin._suspects import MislabelScores
+    from tracin.analysis._suspects import MislabelScores
 
 __all__ = ["RunAnalysis"]
 
 
 class RunAnalysis(RunDisplay):
-    """Clustering, embedding neighbours and the contrastive self-influence of a `Run`."""
+    """Clustering, embedding neighbors and the contrastive self-influence of a `Run`."""
 
     if TYPE_CHECKING:  # provided by Run
         n_train: int
@@ -42,37 +42,37 @@ class RunAnalysis(RunDisplay):
         ) -> Iterator[tuple[int, np.ndarray]]: ...
 
     def contrastive_self_influence(self, k: int = 10, *, lr_weighted: bool = True) -> np.ndarray:
-        """Self-influence minus the mean influence on the ``k`` nearest embedding neighbours.
+        """Self-influence minus the mean influence on the ``k`` nearest embedding neighbors.
 
-        ``s(z) = TracIn(z, z) - mean_{z' in kNN(z)} TracIn(z, z')``, neighbours by cosine of the
+        ``s(z) = TracIn(z, z) - mean_{z' in kNN(z)} TracIn(z, z')``, neighbors by cosine of the
         stored embeddings (``featurize(..., embedding_layer=...)``). A mislabelled example is
         memorised (high self-influence) and its gradient opposes those of its correctly
-        labelled neighbours (negative influence on them); a rare but correct example helps its
-        neighbours. Ranks mislabelled data better than self-influence alone (docs/quality.md).
+        labelled neighbors (negative influence on them); a rare but correct example helps its
+        neighbors. Ranks mislabelled data better than self-influence alone (docs/quality.md).
         Holds the ``(N, C * dim)`` folded training vectors in memory.
 
         Args:
-            k: neighbours per row.
+            k: neighbors per row.
             lr_weighted: weight checkpoints by their lr (TracInCP); ``False`` gives every
                 checkpoint weight 1 (measured slightly better for mislabel detection).
         """
-        from tracin._analysis import nearest_other_rows, neighbour_contrast
+        from tracin.analysis._similarity import nearest_other_rows, neighbor_contrast
 
-        neighbours = nearest_other_rows(self.embeddings("train"), k)
+        neighbors = nearest_other_rows(self.embeddings("train"), k)
         weights = list(self.lrs) if lr_weighted else [1.0] * len(self.lrs)
         si = lr_weighted_sum(zip(weights, self.self_influence_by_checkpoint(), strict=True))
         vectors = np.concatenate([block for _, block in self.folded_blocks(weights)])
-        return neighbour_contrast(si, vectors, neighbours)
+        return neighbor_contrast(si, vectors, neighbors)
 
     def mislabel_scores(
         self, recipe: str = "contrast", *, k: int = 10, strict: bool = False
     ) -> MislabelScores:
-        """The mislabel ranking measured best; see `tracin._suspects.mislabel_scores`.
+        """The mislabel ranking measured best; see `tracin.analysis._suspects.mislabel_scores`.
 
         ``run.mislabel_scores().order()`` lists training rows, most suspect first;
         ``recipe="paper"`` gives the lr-weighted self-influence.
         """
-        from tracin._suspects import mislabel_scores
+        from tracin.analysis._suspects import mislabel_scores
 
         return self._shown(mislabel_scores(cast("Run", self), recipe, k=k, strict=strict))
 
@@ -89,7 +89,7 @@ class RunAnalysis(RunDisplay):
             query: a stored split name, or query embeddings ``(Q, width)``.
             k: rows per query.
         """
-        from tracin._analysis import embedding_neighbors
+        from tracin.analysis._similarity import embedding_neighbors
 
         q = self.embeddings(query) if isinstance(query, str) else np.asarray(query)
         near, far = embedding_neighbors(q, self.embeddings("train"), k)
@@ -120,7 +120,7 @@ class RunAnalysis(RunDisplay):
         Raises:
             ConfigError: a streaming run, bad ``rows`` or ``n_clusters``.
         """
-        from tracin._cluster import cluster_run
+        from tracin.analysis._cluster import cluster_run
 
         return self._shown(cluster_run(cast("Run", self), n_clusters, rows, seed=seed), rows=rows)
 
@@ -145,7 +145,7 @@ class RunAnalysis(RunDisplay):
         Raises:
             ConfigError: a streaming run, bad ``rows``, ``n_clusters`` or ``method``.
         """
-        from tracin._analysis import cluster, similarity_vectors
+        from tracin.analysis._similarity import cluster, similarity_vectors
 
         if self.streaming:
             raise ConfigError(

@@ -24,9 +24,9 @@ from typing import Any
 
 from torch import nn
 
-from tracin._checkpoints import Checkpoints
 from tracin._errors import ConfigError, TracInError
 from tracin._task import Task
+from tracin.checkpoints._checkpoints import Checkpoints
 
 __all__ = ["Spec", "load_spec"]
 

@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from tracin._errors import ConfigError
+from tracin._errors import MissingDependencyError
 from tracin.review._app import LOOPBACK, ReviewServer, bind, make_app
 from tracin.review._data import Predictions, ReviewData, predictions_from_spec, rank_scores
 from tracin.review._decisions import (
@@ -66,9 +66,9 @@ def open_review(store: str | Path, spec: Any = None, score: str = "auto") -> Rev
     Raises:
         StoreError: not a store. ConfigError: a bad ``score``. DataError: a bad decisions file.
     """
-    import tracin
+    from tracin.pipeline import open as open_run
 
-    run = tracin.open(store)
+    run = open_run(store)
     name, scores = rank_scores(run, score)
     preds = predictions_from_spec(spec, run.n_train) if spec is not None else Predictions(
         note="no spec: given labels and predictions unknown")  # fmt: skip
@@ -82,11 +82,14 @@ def serve(review: ReviewServer, sock: socket.socket, allow_any_host: bool = Fals
 
     Raises:
         ConfigError: uvicorn is not installed.
+        MissingDependencyError: uvicorn or starlette is missing: pip install 'tracin[review]'.
     """
     try:
         import uvicorn
     except ImportError:
-        raise ConfigError("tracin review needs its extra: pip install 'tracin[review]'") from None
+        raise MissingDependencyError(
+            "tracin review needs its extra: pip install 'tracin[review]'"
+        ) from None
     app = make_app(review, allow_any_host=allow_any_host)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     uvicorn.Server(config).run(sockets=[sock])

@@ -166,16 +166,16 @@ class ReviewServer:
         }  # fmt: skip
 
     def example_page(self, split: str, row: int, params: Any) -> str:
-        """One row: its proponents, opponents, embedding neighbours, cluster; decisions if train."""
+        """One row: its proponents, opponents, embedding neighbors, cluster; decisions if train."""
         self.data.check_row(split, row)
         raw = params.get("relevance") == "tracin"
         relevance = "tracin" if raw else self.relevance
         k = 8
         strips = []
         if not self.data.run.streaming:  # a store of exact squared norms only: no explanations
-            props, opps = self.data.neighbours(split, row, k, relevance)
+            props, opps = self.data.neighbors(split, row, k, relevance)
             strips = [(f"Proponents ({relevance})", props), (f"Opponents ({relevance})", opps)]
-        near = self.data.embedding_neighbours(split, row, k)
+        near = self.data.embedding_neighbors(split, row, k)
         if near is not None:
             strips.append(("Nearest by embedding (cosine)", near))
         lines = [(title, [self._card(int(i), float(s)) for i, s in

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from tracin._errors import ConfigError, TracInError
-from tracin._report import Example
+from tracin._errors import ConfigError, StoreError, TracInError
 from tracin._run import Run
-from tracin._scoring import Neighbors, top_k
-from tracin._store import EMBEDDING, StoreError
-from tracin._suspects import CONTRAST_MAX_ROWS as CONTRAST_MAX_ROWS
+from tracin.analysis._suspects import CONTRAST_MAX_ROWS as CONTRAST_MAX_ROWS
+from tracin.report._html import Example
+from tracin.scoring._maths import Neighbors, top_k
+from tracin.store._store import EMBEDDING
 
 __all__ = ["Predictions", "ReviewData", "default_relevance", "predictions_from_spec"]
 
@@ -107,7 +107,7 @@ def default_relevance() -> str:
 def rank_scores(run: Run, score: str) -> tuple[str, np.ndarray]:
     """``(name, scores (N,))`` of the mislabel ranking ``score`` (``auto`` chooses).
 
-    ``auto``: `tracin._suspects.mislabel_scores` with its default recipe (the contrastive
+    ``auto``: `tracin.analysis._suspects.mislabel_scores` with its default recipe (the contrastive
     self-influence, measured best, docs/quality.md), which falls back to self-influence when
     the store lacks embeddings or has more than 50,000 rows; ``contrastive``: that recipe or
     an error; ``self-influence``: the lr-weighted self-influence (the paper's).
@@ -115,7 +115,7 @@ def rank_scores(run: Run, score: str) -> tuple[str, np.ndarray]:
     Raises:
         ConfigError: an unknown ``score``, or ``contrastive`` without stored embeddings.
     """
-    from tracin._suspects import mislabel_scores
+    from tracin.analysis._suspects import mislabel_scores
 
     if score not in ("auto", "contrastive", "self-influence"):
         raise ConfigError(f"--score {score!r}; expected auto, contrastive or self-influence")
@@ -187,7 +187,7 @@ class ReviewData:
         return ex
 
     def _render(self, split: str, row: int) -> Example:
-        from tracin._explain import example
+        from tracin.report._compose import example
 
         if self.render is None:
             given = self.preds.given
@@ -211,7 +211,7 @@ class ReviewData:
         feats = np.asarray(self.run.store.read_block(split, key, block)[0])
         return np.array(feats[offset : offset + 1])
 
-    def neighbours(
+    def neighbors(
         self, split: str, row: int, k: int, relevance: str
     ) -> tuple[Neighbors, Neighbors]:
         """Proponents and opponents ``(1, k)`` of one stored row (itself left out if train).
@@ -221,7 +221,7 @@ class ReviewData:
         """
         q = [torch.from_numpy(self._row_features(split, row, c)) for c in self.run.ckpt_ids]
         scores = np.empty(self.n_rows, dtype=np.float64)
-        for start, block in self.run._score_blocks(q, relevance):  # type: ignore[arg-type]
+        for start, block in self.run.score_blocks(q, relevance):  # type: ignore[arg-type]
             scores[start : start + block.shape[1]] = block[0]
         extra = 1 if split == "train" else 0
         kk = min(k + extra, self.n_rows)
@@ -229,7 +229,7 @@ class ReviewData:
         worst = top_k(scores[None, :], kk, largest=False)
         return _without(best, row, k, extra), _without(worst, row, k, extra)
 
-    def embedding_neighbours(self, split: str, row: int, k: int) -> Neighbors | None:
+    def embedding_neighbors(self, split: str, row: int, k: int) -> Neighbors | None:
         """Nearest training rows by embedding cosine, or ``None`` without embeddings."""
         if self._embeddings is None:
             self._embeddings = _has_embeddings(self.run)

@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from tracin._errors import ConfigError, DataError
-from tracin._store import atomic_write, not_writable
+from tracin._io import atomic_write, not_writable
 
 __all__ = [
     "DECISIONS_FILE",

@@ -1,0 +1,455 @@
+"""Layer types the factored engine hooks, and the per-example gradient maths of each.
+
+A hooked layer records, per call in a forward pass, its input (for a norm layer the normalised
+input ``xhat``) and, after one ``autograd.grad`` to its outputs, the output gradient ``d``.
+Linear, Embedding and convolution gradients are ``sum_t d_t a_t^T`` over positions ``t``;
+LayerNorm and BatchNorm (eval) gradients are ``sum_t d_t * xhat_t`` and ``sum_t d_t``.
+Hugging Face ``Conv1D`` (``y = x @ W + b``, ``W`` of shape ``(in, out)``) is a Linear whose
+gradient is ``G^T``; ``nn.EmbeddingBag`` is an Embedding over bag members
+(`tracin.gradients._bags`).
+
+Only a layer whose gradient is provably ``sum_t d_t a_t^T`` is hooked: a parameter owned by two
+modules (tied weights), a weight computed by a parametrization (or by a pre-hook, as the old
+``weight_norm``), or a subclass or instance that replaces ``forward`` is left to torch.func,
+which is exact. Hooks record a layer's own output before any user forward hook changes it.
+Sums of many products run in float32 or better whatever the model's dtype (float16 products
+overflow at 65504).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from tracin._errors import HookError, TaskError
+from tracin.gradients import _bags, _conv
+
+
+@dataclass
+class _Layer:
+    """One hooked module and what is captured from it during a pass."""
+
+    name: str
+    module: nn.Module
+    index: int
+    weight: str
+    bias: str | None
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    versions: list[tuple[int, int]] = field(default_factory=list)
+    clone: bool = False  # set once the model was seen to modify an input/output in place
+
+    def params(self) -> tuple[str, ...]:
+        """The layer's selected parameter names (weight, then bias if any)."""
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+
+@contextmanager
+def own_calls_detached(layers: Sequence[_Layer]) -> Iterator[None]:
+    """Inside each layer's own call, its parameters are leaves of their own.
+
+    The factored engine takes a hooked layer's gradient from the captured ``(a, d)``, never from
+    autograd; so with the layer's own calls given copies, any gradient that still reaches the
+    parameter comes from a use outside the layer's call (a weight tied to another module,
+    ``F.linear(h, emb.weight)``) that the hooks would miss. `FactoredEngine` asks autograd for
+    those gradients in the same backward: ``None`` (no such path) costs nothing.
+    """
+    handles: list[Any] = []
+    saved: list[dict[str, Any]] = []
+    for layer in layers:
+        attrs = tuple(n.rsplit(".", 1)[-1] for n in layer.params())
+
+        def pre(mod: nn.Module, args: Any, names: tuple[str, ...] = attrs) -> None:
+            own: dict[str, Any] = {a: mod._parameters.get(a) for a in names}
+            own = {a: t for a, t in own.items() if t is not None}
+            saved.append(own)
+            for a, tensor in own.items():  # a leaf of its own: the graph stays, apart
+                mod._parameters[a] = tensor.detach().requires_grad_(tensor.requires_grad)
+
+        def post(mod: nn.Module, args: Any, out: Any) -> None:
+            for a, tensor in saved.pop().items():
+                mod._parameters[a] = tensor
+
+        handles.append(layer.module.register_forward_pre_hook(pre, prepend=True))
+        handles.append(layer.module.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _layer_shape(layer: _Layer) -> tuple[int, int]:
+    """``(out, in)`` of the layer's gradient matrix ``G`` (bias column included in ``in``)."""
+    weight = layer.module.weight
+    assert isinstance(weight, torch.Tensor)
+    if isinstance(layer.module, nn.Embedding | nn.EmbeddingBag) or _is_hf_conv1d(layer.module):
+        bias = 1 if layer.bias is not None else 0  # G^T: (out, in) as d a^T
+        return int(weight.shape[1]), int(weight.shape[0]) + bias
+    n_in = math.prod(weight.shape[1:]) + (1 if layer.bias is not None else 0)  # no tensor op
+    return int(weight.shape[0]), n_in
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` of shape ``(in, out)``."""
+    weight = module._parameters.get("weight")
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and weight is not None
+        and weight.dim() == 2
+        and int(weight.shape[1]) == getattr(module, "nf", None)
+    )
+
+
+def _own_forward(module: nn.Module, base: type[nn.Module], *methods: str) -> bool:
+    """Whether ``module`` runs ``base``'s own ``forward`` (and helpers), not an override."""
+    names = ("forward", *methods)
+    return not any(n in vars(module) for n in names) and all(
+        getattr(type(module), n) is getattr(base, n) for n in names
+    )
+
+
+def _conv_ok(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Conv1d | nn.Conv2d)
+        and _own_forward(module, _conv_base(module), "_conv_forward")
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+def _conv_base(module: nn.Module) -> type[nn.Module]:
+    return nn.Conv1d if isinstance(module, nn.Conv1d) else nn.Conv2d
+
+
+_NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _norm_ok(module: nn.Module) -> bool:
+    if isinstance(module, nn.LayerNorm):
+        return module.elementwise_affine and _own_forward(module, nn.LayerNorm)
+    return (
+        isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d)
+        and _own_forward(module, nn.BatchNorm1d)
+        and module.affine
+        and module.track_running_stats
+    )
+
+
+def _supported(module: nn.Module) -> bool:
+    """Whether the module's weight gradient is exactly the factored formula of its type."""
+    if isinstance(module, nn.Embedding):
+        return (
+            _own_forward(module, nn.Embedding)
+            and module.max_norm is None
+            and not module.scale_grad_by_freq
+        )
+    if isinstance(module, nn.EmbeddingBag):
+        return _own_forward(module, nn.EmbeddingBag) and _bags.bag_ok(module)
+    if isinstance(module, nn.Linear):
+        return _own_forward(module, nn.Linear)
+    return _is_hf_conv1d(module) or _conv_ok(module) or _norm_ok(module)
+
+
+def _plain(module: nn.Module) -> bool:
+    """The weight the forward pass uses is the module's own parameter (not computed)."""
+    return isinstance(module._parameters.get("weight"), torch.Tensor) and not getattr(
+        module, "parametrizations", None
+    )
+
+
+def shared_parameters(model: nn.Module) -> set[int]:
+    """``id`` of every parameter tensor that more than one module (or attribute) owns."""
+    owners: dict[int, set[tuple[int, str]]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), set()).add((id(module), attr))
+    return {pid for pid, owner in owners.items() if len(owner) > 1}
+
+
+def supported_layers(
+    model: nn.Module, names: Sequence[str], exclude: Collection[str] = ()
+) -> tuple[list[_Layer], list[str]]:
+    """Split selected parameter names into hookable layers and the rest (for torch.func).
+
+    A layer is hooked when its weight is selected, its bias is selected or absent (an
+    Embedding has no bias), neither is in ``exclude`` nor shared with another module (tied
+    weights: the other module's use would be missed), and its gradient is provably the
+    factored formula (see the module docstring). Anything else falls back to the functional
+    engine, which is exact.
+
+    Args:
+        model: the network.
+        names: selected parameter names (as ``model.named_parameters()`` spells them).
+        exclude: parameter names that must not be hooked; the layer owning one is not hooked.
+
+    Returns:
+        The hooked layers, and the selected names outside them, in ``names`` order.
+    """
+    chosen, banned = set(names), set(exclude)
+    shared = shared_parameters(model)
+    layers: list[_Layer] = []
+    covered: set[str] = set()
+    # MultiheadAttention uses out_proj's weight without calling the module: no hook would fire
+    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    inside_mha = {f"{n}.out_proj" if n else "out_proj" for n in attention}
+    for mod_name, module in model.named_modules():
+        if mod_name in inside_mha or not _plain(module) or not _supported(module):
+            continue
+        if any(id(p) in shared for p in module._parameters.values() if p is not None):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        weight = f"{prefix}weight"
+        bias = f"{prefix}bias" if getattr(module, "bias", None) is not None else None
+        own = {weight} | ({bias} if bias else set())
+        if own <= chosen and not own & banned:
+            layers.append(_Layer(mod_name, module, len(layers), weight, bias))
+            covered |= own
+    return layers, [n for n in names if n not in covered]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of products run in: float32 for half-precision models, else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _positions(
+    layer: _Layer, x: torch.Tensor, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer input per position and output (gradient) per position.
+
+    Returns ``a`` as ``(B, T, in)`` (for an Embedding: indices ``(B, T)``) and ``out`` as
+    ``(B, T, out)``; a convolution's positions are its unfolded patches, an EmbeddingBag's its
+    members (`tracin.gradients._bags`). ``out`` is upcast to float32 for a half-precision model.
+    """
+    module = layer.module
+    b = x.shape[0]
+    out = out.to(_acc(out.dtype))
+    if isinstance(module, nn.EmbeddingBag):
+        return _bags.positions(x, out)
+    if isinstance(module, nn.LayerNorm):
+        width = int(np.prod(module.normalized_shape))
+        return x.reshape(b, -1, width), out.reshape(b, -1, width)
+    if isinstance(module, _NORMS):  # BatchNorm: channels second
+        c = x.shape[1]
+        return x.reshape(b, c, -1).transpose(1, 2), out.reshape(b, c, -1).transpose(1, 2)
+    if isinstance(module, nn.Embedding):
+        return x.reshape(b, -1), out.reshape(b, -1, out.shape[-1])
+    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
+        return x.reshape(b, -1, x.shape[-1]), out.reshape(b, -1, out.shape[-1])
+    assert isinstance(module, nn.Conv1d | nn.Conv2d)
+    return _conv.patches(module, x), _conv.output_positions(module, out)
+
+
+@contextmanager
+def _capture(layers: Sequence[_Layer], batch: int | None = None) -> Iterator[None]:
+    """Record every call's input and output of each layer; hooks removed on exit.
+
+    With ``batch``, a call whose input has batch size 1 is broadcast to ``batch`` rows, input and
+    output alike (BERT's position embeddings take ``(1, T)`` ids and are added to every example:
+    each example needs its own copy for its own gradient); any other size is an error. The
+    version counters of input and output are recorded (see `modified_in_place`); a layer marked
+    ``clone`` records a copy of its input and hands the model a copy of its output.
+    """
+    handles = []
+    for layer in layers:
+        layer.inputs.clear()
+        layer.outputs.clear()
+        layer.versions.clear()
+
+        def hook(
+            mod: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            out: torch.Tensor,
+            lay: _Layer = layer,
+        ) -> torch.Tensor:
+            x = _input(mod, args, kwargs)
+            if batch is not None and x.shape[0] != batch:
+                if x.shape[0] != 1 or out.shape[0] != 1:
+                    raise HookError(
+                        f"layer {lay.name!r} got input of shape {tuple(x.shape)} for a batch of "
+                        f"{batch}: the factored engine needs batch-first inputs (one "
+                        "EmbeddingBag bag per example); use engine='auto' or 'functional', or "
+                        "leave the layer out of layers=[...]",
+                        lay.params(),
+                    )
+                x = x.expand(batch, *x.shape[1:])
+                out = out.expand(batch, *out.shape[1:]).contiguous()
+            recorded = _recorded_input(mod, x.clone() if lay.clone else x)
+            lay.inputs.append(recorded)
+            lay.outputs.append(out)
+            lay.versions.append((recorded._version, out._version))
+            return out.clone() if lay.clone else out
+
+        # first among the module's forward hooks: a user hook that replaces the output then
+        # sits downstream of the recorded output, and autograd accounts for it
+        handles.append(layer.module.register_forward_hook(hook, with_kwargs=True, prepend=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The call's input (detached), positional or ``input=``; an EmbeddingBag's packed members."""
+    if isinstance(module, nn.EmbeddingBag):
+        return _bags.members(module, args, kwargs)
+    x = args[0] if args else kwargs["input"]
+    assert isinstance(x, torch.Tensor)
+    return x.detach()
+
+
+def modified_in_place(layers: Sequence[_Layer]) -> bool:
+    """Whether the model modified a recorded input or output in place after its layer's call.
+
+    The gradient to an output changed in place (``nn.ReLU(inplace=True)`` after a layer) is the
+    gradient to the changed value, not to the layer's output. Marks such layers ``clone`` (the
+    next pass copies them) and returns True: the caller repeats the pass.
+    """
+    stale = False
+    for layer in layers:
+        if layer.clone:
+            continue
+        for (x_ver, out_ver), x, out in zip(
+            layer.versions, layer.inputs, layer.outputs, strict=True
+        ):
+            if x._version != x_ver or out._version != out_ver:
+                layer.clone = stale = True
+                break
+    return stale
+
+
+def _recorded_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a layer's gradient needs of its input: ``x``, or for a norm layer ``xhat``.
+
+    Computed inside the forward pass, so a BatchNorm's running statistics are the checkpoint's.
+    """
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+        if module.training:
+            raise TaskError(
+                f"{type(module).__name__} is in training mode and mixes the examples of a batch; "
+                "tracin runs the model in eval mode: do not switch it back inside forward()"
+            )
+        assert module.running_mean is not None and module.running_var is not None
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean, var = module.running_mean.view(shape), module.running_var.view(shape)
+        return (x - mean) / torch.sqrt(var + module.eps)
+    return x
+
+
+def _embedding_grad(idx: torch.Tensor, d: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(B, rows, dim)`` per-example embedding gradients: ``d`` summed into its index rows."""
+    g = torch.zeros(idx.shape[0], rows, d.shape[-1], dtype=d.dtype, device=d.device)
+    return g.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d)
+
+
+def _sqnorm(
+    a: torch.Tensor, d: torch.Tensor, embedding: int | None, bias: bool = False
+) -> torch.Tensor:
+    """Exact squared norm of the weight gradient, plus ``||sum_t d_t||^2`` with a bias."""
+    weight = _weight_sqnorm(a, d, embedding)
+    if bias:
+        weight = weight + d.sum(1).pow(2).sum(1, dtype=torch.float64)
+    return weight
+
+
+def _weight_sqnorm(a: torch.Tensor, d: torch.Tensor, embedding: int | None) -> torch.Tensor:
+    """Exact ``||sum_t d_t a_t^T||^2`` per example, in ``d``'s dtype, summed in float64.
+
+    ``d`` (and ``a``) come from `_layer_positions`: float32 or better, so no product overflows.
+    """
+    if embedding is not None:  # rows of G are sums of d over equal indices:
+        same = (a.unsqueeze(2) == a.unsqueeze(1)).to(d.dtype)  # (B, T, T), no (B, V, dim) tensor
+        return (torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2), dtype=torch.float64)
+    a = a.to(d.dtype)
+    t, n_in, n_out = a.shape[1], a.shape[2], d.shape[2]
+    if t == 1:
+        return a.pow(2).sum((1, 2), dtype=torch.float64) * d.pow(2).sum((1, 2), dtype=torch.float64)
+    if t * t * (n_in + n_out) < t * n_in * n_out:
+        gram = torch.bmm(d, d.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))
+        return gram.sum((1, 2), dtype=torch.float64)
+    return torch.bmm(d.transpose(1, 2), a).pow(2).sum((1, 2), dtype=torch.float64)
+
+
+_Call = tuple[torch.Tensor, torch.Tensor]
+"""One call of a layer in a forward pass: its input and the gradient of its output."""
+
+
+def _is_conv(layer: _Layer) -> bool:
+    return isinstance(layer.module, nn.Conv1d | nn.Conv2d)
+
+
+def _is_norm(layer: _Layer) -> bool:
+    return isinstance(layer.module, _NORMS)
+
+
+def _norm_gradients(layer: _Layer, calls: Sequence[_Call]) -> dict[str, torch.Tensor]:
+    """A norm layer's exact per-example gradients: ``sum_t d_t * xhat_t`` and ``sum_t d_t``."""
+    xhat, d = _layer_positions(layer, calls)
+    out = {layer.weight: (xhat * d).sum(1)}
+    if layer.bias is not None:
+        out[layer.bias] = d.sum(1)
+    return out
+
+
+def _rows(layer: _Layer) -> int | None:
+    """An Embedding's (or EmbeddingBag's) number of rows (its one-hot input width), else None."""
+    module = layer.module
+    return module.num_embeddings if isinstance(module, nn.Embedding | nn.EmbeddingBag) else None
+
+
+def _cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts), 1)
+
+
+def _layer_positions(layer: _Layer, calls: Sequence[_Call]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``d`` per position over all calls; an Embedding's padding rows get no ``d``."""
+    pairs = [_positions(layer, x, g) for x, g in calls]
+    a, d = _cat([p[0] for p in pairs]), _cat([p[1] for p in pairs])
+    pad = getattr(layer.module, "padding_idx", None)
+    if pad is not None:  # the padding row gets no gradient (as in nn.Embedding)
+        d = d * (a != pad).unsqueeze(-1).to(d.dtype)
+    if _rows(layer) is None:
+        a = a.to(d.dtype)
+    return a, d
+
+
+def _conv_gradients(layer: _Layer, calls: Sequence[_Call]) -> dict[str, torch.Tensor]:
+    """A convolution's exact per-example gradients, weight (and bias), by name."""
+    module = layer.module
+    assert isinstance(module, nn.Conv1d | nn.Conv2d)
+    out = {layer.weight: _conv.weight_gradient(module, calls)}
+    if layer.bias is not None:
+        sums = [_conv.output_positions(module, g).to(_acc(g.dtype)).sum(1) for _, g in calls]
+        out[layer.bias] = torch.stack(sums).sum(0)
+    return out
+
+
+def _exact(
+    layer: _Layer, a: torch.Tensor, d: torch.Tensor, emb: int | None
+) -> dict[str, torch.Tensor]:
+    """Exact per-example gradients of a Linear or Embedding layer, by parameter name."""
+    b = a.shape[0]
+    if emb is not None:
+        return {layer.weight: _embedding_grad(a, d, emb).reshape(b, -1)}
+    g = torch.bmm(d.transpose(1, 2), a)  # (B, out, in)
+    if _is_hf_conv1d(layer.module):  # its weight is (in, out)
+        g = g.transpose(1, 2)
+    if layer.bias is None:
+        return {layer.weight: g.reshape(b, -1)}
+    return {layer.weight: g.reshape(b, -1), layer.bias: d.sum(1)}
