@@ -152,3 +152,17 @@ def test_stored_cnn_with_dataloader_pieces(tmp_path):
                               dtype="float64", block_rows=4)  # fmt: skip
     stream = tracin.featurize(model, task, checkpoints(states), loader)
     np.testing.assert_allclose(stored.influence((x, y)), stream.influence((x, y)), rtol=1e-10)
+
+
+def test_data_fingerprint_takes_every_dtype():
+    """bfloat16 inputs (no NumPy dtype) fingerprint like any other; float32 bytes are unchanged."""
+    import hashlib
+
+    from tracin.pipeline._featurize import data_fingerprint
+
+    x = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    want = hashlib.sha256(x.numpy().tobytes()).hexdigest()
+    assert data_fingerprint((x,), 4) == want  # stores written before keep their fingerprint
+    bf = x.to(torch.bfloat16)
+    assert data_fingerprint((bf,), 4) == data_fingerprint((bf.clone(),), 4)
+    assert data_fingerprint((bf,), 4) != data_fingerprint((bf + 1,), 4)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -305,12 +306,18 @@ def model_fingerprint(model: nn.Module) -> str:
     return hashlib.sha256(repr(spec).encode()).hexdigest()
 
 
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's bytes, for every dtype (bfloat16 has no NumPy type; same bytes otherwise)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return bytes(flat.view(torch.uint8).numpy().tobytes())
+
+
 def data_fingerprint(data: Data | Batch, size: int) -> str:
     """sha256 of the first batch's tensors: catches a different dataset on reopen, cheaply."""
     digest = hashlib.sha256()
     first = next(iter(iter_batches(data, size)), None)
     if first is not None:
-        map_tensors(lambda t: digest.update(t.detach().cpu().contiguous().numpy().tobytes()), first)
+        map_tensors(lambda t: digest.update(_raw_bytes(t)), first)
     return digest.hexdigest()
 
 
