@@ -117,8 +117,11 @@ def kronecker_blocks(eng, model, names, exact, checkpoint):
     params = dict(model.named_parameters())
     offsets = np.cumsum([0] + [params[n].numel() for n in names])
     start = dict(zip(names, offsets[:-1], strict=True))
-    blocks, b = [], exact.shape[0]
+    blocks, b, seen = [], exact.shape[0], set()
     for layer in eng.layers:
+        if layer.index in seen:  # a tied weight's uses share one block: its whole gradient
+            continue
+        seen.add(layer.index)
         w = params[layer.weight]
         g = exact[:, start[layer.weight] : start[layer.weight] + w.numel()]
         module = layer.module
@@ -126,7 +129,8 @@ def kronecker_blocks(eng, model, names, exact, checkpoint):
             parts = [g] + ([exact[:, start[layer.bias] :][:, : w.numel()]] if layer.bias else [])
             blocks.append(torch.cat(parts, 1))
             continue
-        if isinstance(module, nn.Embedding | nn.EmbeddingBag) or type(module).__name__ == "Conv1D":
+        transposed = isinstance(module, nn.Embedding | nn.EmbeddingBag) or layer.tied
+        if transposed or type(module).__name__ == "Conv1D":
             g = g.reshape(b, *w.shape).transpose(1, 2)  # weight stored (in, out)
         else:
             g = g.reshape(b, w.shape[0], -1)
@@ -173,12 +177,13 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.mid(self.emb(ids))))
 
 
-def test_tied_embedding_and_head_are_left_to_torch_func():
+def test_tied_embedding_and_head_are_hooked_in_both_modules():
+    """The tied weight's gradient is the sum of its Embedding and Linear uses: exact, no rest."""
     torch.manual_seed(0)
     model = TiedLM()
     assert shared_parameters(model) == {id(model.emb.weight)}
-    eng = check_exact(model, lm_loss, {"ids": _ids()}, hooked=["mid"])
-    assert eng.rest is not None and list(eng.rest.names) == ["emb.weight"]
+    eng = check_exact(model, lm_loss, {"ids": _ids()}, hooked=["emb", "head", "mid"])
+    assert eng.rest is None
 
 
 class TiedAcrossLinears(nn.Module):
@@ -527,12 +532,12 @@ def test_gpt2_conv1d_and_tied_head(padded):
         mask = b.get("mask")
         return (per_token * (1.0 if mask is None else mask[:, 1:])).sum(1)
 
-    hooked = ["transformer.wpe", "transformer.ln_f"] + [
+    hooked = ["transformer.wte", "lm_head", "transformer.wpe", "transformer.ln_f"] + [
         f"transformer.h.0.{n}" for n in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2",
                                          "mlp.c_fc", "mlp.c_proj")
     ]  # fmt: skip
     eng = check_exact(model, score, batch, hooked=hooked)
-    assert list(eng.rest.names) == ["transformer.wte.weight"]  # tied to lm_head
+    assert eng.rest is None  # the tied wte / lm_head weight is hooked in both modules
 
 
 def test_conv1d_kronecker_features_are_the_projected_transposed_gradient():

@@ -15,8 +15,10 @@ their per-example gradients are ``sum_t d_t * xhat_t`` (weight) and ``sum_t d_t`
   ``||G||^2`` directly, whichever is cheaper.
 
 Hugging Face ``Conv1D`` is a Linear with a transposed weight; ``nn.EmbeddingBag`` (sum/mean)
-an Embedding over its bag members. Which modules are hooked, and why the rest (tied weights,
-parametrizations, overridden forwards) go to torch.func: `tracin.gradients._layers`.
+an Embedding over its bag members. A weight tied between an Embedding and Linears is hooked in
+all of them and the uses' gradients (and Kronecker features, same matrices) add. Which modules
+are hooked, and why the rest (other shared weights, parametrizations, overridden forwards) go to
+torch.func: `tracin.gradients._layers`.
 
 Hooks live only inside `_capture`, which removes them on exit. A layer called more than once in
 a forward pass (weight sharing) accumulates over all its calls, which is the exact gradient. A
@@ -26,6 +28,7 @@ with that layer's output copied, once; later batches copy it from the start.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -58,6 +61,7 @@ from tracin.gradients._layers import (
     modified_in_place,
     own_calls_detached,
     supported_layers,
+    tie_cross,
 )
 from tracin.gradients._loop import LoopEngine
 from tracin.projection import _last_layer as last_layer
@@ -120,6 +124,9 @@ class FactoredEngine:
             )
         engine = LoopEngine if rest == "loop" else FunctionalEngine
         self.rest: ExampleGradients | None = engine(model, rest_names) if rest_names else None
+        counts = Counter(layer.index for layer in self.layers)
+        self.tied_groups = {index for index, n in counts.items() if n > 1}
+        """Layer indices shared by the hooked uses of one tied weight (their gradients add)."""
         self.kronecker = (
             KroneckerProjection(projection, len(self.layers))
             if projection.kind == "kronecker"
@@ -147,11 +154,12 @@ class FactoredEngine:
         if self.projection.kind == "last_layer":
             return self.split() + int(self._weight_shape()[0])
         rest = 0 if self.rest_projector is None else self.rest_projector.k
+        first = {layer.index: layer for layer in reversed(self.layers)}  # a tied weight once
         return rest + sum(
             sum(self.sizes[n] for n in (layer.weight, layer.bias) if n)
             if _is_norm(layer)
             else int(np.prod(self._sides(layer)))
-            for layer in self.layers
+            for layer in first.values()
         )
 
     def _sides(self, layer: _Layer) -> tuple[int, int]:
@@ -190,7 +198,7 @@ class FactoredEngine:
         def model(*args: Any, **kwargs: Any) -> Any:
             return call(self.model, params, args, kwargs)
 
-        hooked = [n for layer in self.layers for n in layer.params()]
+        hooked = list(dict.fromkeys(n for layer in self.layers for n in layer.params()))
         for _ in range(2):  # a second pass copies what the model modified in place
             with (
                 torch.enable_grad(),
@@ -236,7 +244,9 @@ class FactoredEngine:
         )
         kind = self.projection.kind
         pieces: dict[str, torch.Tensor] = {}
-        kron = []
+        kron: list[torch.Tensor] = []
+        slots: dict[int, int] = {}
+        tied: dict[int, list[tuple[torch.Tensor, torch.Tensor, int | None]]] = {}
         for layer, calls in zip(self.layers, captured, strict=True):
             if _is_conv(layer) or _is_norm(layer):
                 grads = (_conv_gradients if _is_conv(layer) else _norm_gradients)(layer, calls)
@@ -257,12 +267,24 @@ class FactoredEngine:
             emb = _rows(layer)
             if kind != "identity":
                 sq += _sqnorm(a, d, emb, layer.bias is not None)
+                if layer.index in self.tied_groups:
+                    tied.setdefault(layer.index, []).append((a, d, emb))
             if kind == "last_layer":
                 kron.append(last_layer.factors(layer.name, a, d, layer.bias is not None))
             elif kind == "kronecker":
-                kron.append(self._kron(layer, self._linear_inputs(layer, a, ckpt_key), d, ckpt_key))
+                a_in, d_out = (d, a) if layer.tied else (a, d)  # a tied Linear's G^T
+                a_proj = self._linear_inputs(layer, a_in, ckpt_key)
+                block = self._kron(layer, a_proj, d_out, ckpt_key)
+                if layer.index in slots:  # the uses of a tied weight add up
+                    kron[slots[layer.index]] = kron[slots[layer.index]] + block
+                else:
+                    slots[layer.index] = len(kron)
+                    kron.append(block)
             else:
-                pieces.update(_exact(layer, a, d, emb))
+                for name, g in _exact(layer, a, d, emb).items():
+                    pieces[name] = pieces[name] + g if name in pieces else g
+        for parts in tied.values():  # ||sum_i G_i||^2 = sum_i ||G_i||^2 + the cross terms
+            sq += tie_cross(parts)
         if self.rest_projector is not None and self.rest is not None:
             g = self.rest.gradients(weights, score, batch)
             sq += row_sqnorms(g)
@@ -280,6 +302,7 @@ class FactoredEngine:
     ) -> torch.Tensor:
         """Exact squared gradient norms ``(B,)`` (float64) without forming any gradient."""
         captured = self._captured(weights, score, batch)
+        tied: dict[int, list[tuple[torch.Tensor, torch.Tensor, int | None]]] = {}
         sq = torch.zeros(
             captured[0][0][1].shape[0], dtype=torch.float64, device=captured[0][0][1].device
         )
@@ -290,6 +313,10 @@ class FactoredEngine:
             else:
                 a, d = _layer_positions(layer, calls)
                 sq += _sqnorm(a, d, _rows(layer), layer.bias is not None)
+                if layer.index in self.tied_groups:
+                    tied.setdefault(layer.index, []).append((a, d, _rows(layer)))
+        for parts in tied.values():
+            sq += tie_cross(parts)
         if self.rest is not None:
             sq += self.rest.sqnorms(weights, score, batch)
         return sq

@@ -8,10 +8,12 @@ Hugging Face ``Conv1D`` (``y = x @ W + b``, ``W`` of shape ``(in, out)``) is a L
 gradient is ``G^T``; ``nn.EmbeddingBag`` is an Embedding over bag members
 (`tracin.gradients._bags`).
 
-Only a layer whose gradient is provably ``sum_t d_t a_t^T`` is hooked: a parameter owned by two
-modules (tied weights), a weight computed by a parametrization (or by a pre-hook, as the old
-``weight_norm``), or a subclass or instance that replaces ``forward`` is left to torch.func,
-which is exact. Hooks record a layer's own output before any user forward hook changes it.
+Only a layer whose gradient is provably ``sum_t d_t a_t^T`` is hooked. A weight shared by one
+Embedding and bias-free Linears (tied input/output embeddings, `embedding_ties`) is hooked in
+every module that uses it, its gradient the sum of the uses' (`tie_cross` gives the cross terms
+of its norm). Any other parameter owned by two modules, a weight computed by a
+parametrization (or by a pre-hook, as the old ``weight_norm``), or a subclass or instance that
+replaces ``forward`` is left to torch.func, which is exact. Hooks record a layer's own output before any user forward hook changes it.
 Sums of many products run in float32 or better whatever the model's dtype (float16 products
 overflow at 65504).
 """
@@ -46,6 +48,7 @@ class _Layer:
     outputs: list[torch.Tensor] = field(default_factory=list)
     versions: list[tuple[int, int]] = field(default_factory=list)
     clone: bool = False  # set once the model was seen to modify an input/output in place
+    tied: bool = False  # a Linear whose weight is an Embedding's: G taken as the Embedding's (D, V)
 
     def params(self) -> tuple[str, ...]:
         """The layer's selected parameter names (weight, then bias if any)."""
@@ -91,7 +94,11 @@ def _layer_shape(layer: _Layer) -> tuple[int, int]:
     """``(out, in)`` of the layer's gradient matrix ``G`` (bias column included in ``in``)."""
     weight = layer.module.weight
     assert isinstance(weight, torch.Tensor)
-    if isinstance(layer.module, nn.Embedding | nn.EmbeddingBag) or _is_hf_conv1d(layer.module):
+    if (
+        isinstance(layer.module, nn.Embedding | nn.EmbeddingBag)
+        or _is_hf_conv1d(layer.module)
+        or layer.tied
+    ):
         bias = 1 if layer.bias is not None else 0  # G^T: (out, in) as d a^T
         return int(weight.shape[1]), int(weight.shape[0]) + bias
     n_in = math.prod(weight.shape[1:]) + (1 if layer.bias is not None else 0)  # no tensor op
@@ -184,8 +191,8 @@ def supported_layers(
     """Split selected parameter names into hookable layers and the rest (for torch.func).
 
     A layer is hooked when its weight is selected, its bias is selected or absent (an
-    Embedding has no bias), neither is in ``exclude`` nor shared with another module (tied
-    weights: the other module's use would be missed), and its gradient is provably the
+    Embedding has no bias), neither is in ``exclude`` nor shared with another module (unless
+    it is an Embedding/Linear tie, hooked in all its modules or none), and its gradient is the
     factored formula (see the module docstring). Anything else falls back to the functional
     engine, which is exact.
 
@@ -199,6 +206,9 @@ def supported_layers(
     """
     chosen, banned = set(names), set(exclude)
     shared = shared_parameters(model)
+    ties = embedding_ties(model)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    group_index: dict[int, int] = {}
     layers: list[_Layer] = []
     covered: set[str] = set()
     # MultiheadAttention uses out_proj's weight without calling the module: no hook would fire
@@ -207,16 +217,94 @@ def supported_layers(
     for mod_name, module in model.named_modules():
         if mod_name in inside_mha or not _plain(module) or not _supported(module):
             continue
-        if any(id(p) in shared for p in module._parameters.values() if p is not None):
+        params = [p for p in module._parameters.values() if p is not None]
+        if any(id(p) in shared and id(p) not in ties for p in params):
             continue
         prefix = f"{mod_name}." if mod_name else ""
-        weight = f"{prefix}weight"
+        tie = id(module.weight) if id(module.weight) in ties else None
+        weight = name_of.get(tie, f"{prefix}weight") if tie is not None else f"{prefix}weight"
         bias = f"{prefix}bias" if getattr(module, "bias", None) is not None else None
         own = {weight} | ({bias} if bias else set())
         if own <= chosen and not own & banned:
-            layers.append(_Layer(mod_name, module, len(layers), weight, bias))
+            index = len(layers) if tie is None else group_index.setdefault(tie, len(layers))
+            tied = tie is not None and isinstance(module, nn.Linear)
+            layers.append(_Layer(mod_name, module, index, weight, bias, tied=tied))
             covered |= own
+    layers = _whole_ties(model, layers, ties)
+    covered = {n for layer in layers for n in layer.params()}
     return layers, [n for n in names if n not in covered]
+
+
+def embedding_ties(model: nn.Module) -> set[int]:
+    r"""``id`` of each weight shared only by one ``nn.Embedding`` and bias-free ``nn.Linear``\ s.
+
+    The tied input/output embedding of language models (GPT-2's ``wte`` and ``lm_head``): the
+    weight's gradient is the sum of the uses' gradients, each a sum of per-position outer
+    products, so the hooks can take it exactly (`tie_cross` adds the cross terms of its norm).
+    """
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, attr))
+    out = set()
+    for pid, uses in owners.items():
+        mods = {id(m): m for m, _ in uses}
+        if len(mods) < 2 or any(attr != "weight" for _, attr in uses):
+            continue
+        kinds = [type(m) for m in mods.values()]
+        embeddings = [m for m in mods.values() if type(m) is nn.Embedding]
+        linears = [m for m in mods.values() if type(m) is nn.Linear and m.bias is None]
+        whole = len(embeddings) == 1 and len(linears) == len(kinds) - 1
+        if whole and all(_plain(m) and _supported(m) for m in mods.values()):
+            out.add(pid)
+    return out
+
+
+def _whole_ties(model: nn.Module, layers: list[_Layer], ties: set[int]) -> list[_Layer]:
+    """Drop the hooked uses of a tied weight unless every use of it is hooked."""
+    uses: dict[int, int] = {}
+    for _, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and id(weight) in ties:
+            uses[id(weight)] = uses.get(id(weight), 0) + 1
+    hooked: dict[int, int] = {}
+    for layer in layers:
+        weight = layer.module._parameters.get("weight")
+        if weight is not None and id(weight) in ties:
+            hooked[id(weight)] = hooked.get(id(weight), 0) + 1
+    partial = {pid for pid, n in hooked.items() if n != uses.get(pid)}
+    return [layer for layer in layers if id(layer.module._parameters.get("weight")) not in partial]
+
+
+def tie_cross(parts: Sequence[tuple[torch.Tensor, torch.Tensor, int | None]]) -> torch.Tensor:
+    """``2 sum_{i<j} <G_i, G_j>`` ``(B,)`` float64 for the uses of one tied weight.
+
+    Each use ``(a, d, rows)`` is ``G = sum_t u_t w_t^T`` in the weight's ``(V, D)`` layout: an
+    Embedding (``rows`` set) has ``u_t = onehot(a_t)``, ``w_t = d_t``; a Linear has ``u_t = d_t``
+    (the ``V`` outputs) and ``w_t = a_t``. ``<G_i, G_j> = sum_{t,s} <u_it, u_js> <w_it, w_js>``.
+    """
+    sides = [(a, d) if rows is not None else (d, a) for a, d, rows in parts]  # (u, w)
+    total = torch.zeros(parts[0][1].shape[0], dtype=torch.float64, device=parts[0][1].device)
+    for i in range(len(parts)):
+        for j in range(i + 1, len(parts)):
+            (ui, wi), (uj, wj) = sides[i], sides[j]
+            gu = _u_gram(ui, parts[i][2] is not None, uj, parts[j][2] is not None)
+            gw = torch.bmm(wi, wj.transpose(1, 2).to(wi.dtype))
+            total += 2 * (gu.to(torch.float64) * gw.to(torch.float64)).sum((1, 2))
+    return total
+
+
+def _u_gram(ui: torch.Tensor, i_idx: bool, uj: torch.Tensor, j_idx: bool) -> torch.Tensor:
+    """``<u_it, u_js>`` ``(B, T, S)``: one-hot sides are index tensors ``(B, T)``."""
+    if i_idx and j_idx:
+        return (ui[:, :, None] == uj[:, None, :]).to(torch.float64)
+    if i_idx:  # onehot(ui_t) . uj_s = uj_s[ui_t]
+        b, t, s = ui.shape[0], ui.shape[1], uj.shape[1]
+        return uj.gather(2, ui[:, None, :].expand(b, s, t)).transpose(1, 2)
+    if j_idx:
+        return _u_gram(uj, True, ui, False).transpose(1, 2)
+    return torch.bmm(ui, uj.transpose(1, 2))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
