@@ -14,8 +14,8 @@ every module that uses it, its gradient the sum of the uses' (`tie_cross` gives 
 of its norm). Any other parameter owned by two modules, a weight computed by a
 parametrization (or by a pre-hook, as the old ``weight_norm``), or a subclass or instance that
 replaces ``forward`` is left to torch.func, which is exact. Hooks record a layer's own output
-before any user forward hook changes it. Sums of many products run in float32 or better whatever the model's dtype (float16 products
-overflow at 65504).
+before any user forward hook changes it. Sums of many products run in float32 or better
+whatever the model's dtype (float16 products overflow at 65504).
 """
 
 from __future__ import annotations
