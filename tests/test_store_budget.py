@@ -57,8 +57,10 @@ def test_reopened_norms_only_store(mlp_setup, tmp_path):
     np.testing.assert_array_equal(reopened.self_influence(), run.self_influence())
     with pytest.raises(tracin.ConfigError, match=r"train_data=.*keep_features=True"):
         reopened.influence("test")
-    with pytest.raises(tracin.ConfigError, match="stored features"):
+    with pytest.raises(tracin.ConfigError, match=r"stored features.*keep_features=True"):
         reopened.clusters(2)
+    kept = featurize(mlp_setup, tmp_path / "kept", keep_features=True)  # the fix it names
+    assert kept.clusters(2).labels.shape == (len(train[0]),)
     again = tracin.open(tmp_path / "r", model=model, task=tracin.ClassificationTask(),
                         checkpoints=checkpoints(states),
                         train_data=TensorDataset(*train))  # fmt: skip

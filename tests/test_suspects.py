@@ -79,6 +79,20 @@ def test_default_is_the_contrast_on_the_final_bias_with_unit_weights(setup):
     assert "k=39" in mislabel_scores(run, k=100, strict=True).description  # clipped to N - 1
 
 
+def test_the_fix_for_missing_features_is_named_whole(setup):
+    """Following the refusal's fix once (store, final bias, embeddings) gives the contrast."""
+    model, states, x, y, _, tmp_path = setup
+    ckpts = tracin.Checkpoints.from_state_dicts(states, lr=LRS)
+    data = torch.utils.data.TensorDataset(x, y)
+    streaming = tracin.featurize(model, tracin.ClassificationTask(), ckpts, data)
+    with pytest.raises(tracin.ConfigError, match=r"keep_features=True.*embedding_layer"):
+        mislabel_scores(streaming, strict=True)
+    fixed = tracin.featurize(model, tracin.ClassificationTask(), ckpts, data,
+                             store=tmp_path / "fixed", keep_features=True, layers=["2.bias"],
+                             embedding_layer="1")  # fmt: skip
+    assert mislabel_scores(fixed, strict=True).recipe == "contrast"
+
+
 def test_missing_embeddings_fall_back_with_a_notice_or_refuse(setup):
     model, states, x, y, _, tmp_path = setup
     ckpts = tracin.Checkpoints.from_state_dicts(states, lr=LRS)
@@ -129,3 +143,15 @@ def test_contrast_needs_neighbors_that_share_a_label(setup, monkeypatch):
     assert got.recipe == "self-influence" and "share a label" in got.notice
     np.testing.assert_allclose(got.scores, run.self_influence_by_checkpoint().sum(0))
     assert mislabel_scores(run, strict=True).recipe == "contrast"  # strict keeps the contrast
+
+
+def test_layer_notice_names_the_final_layer_even_without_a_bias(setup):
+    """A bias-free final layer (GPT-2's score head) is named by its weight, not another bias."""
+    _, _, x, y, _, tmp_path = setup
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 4, bias=False)).double()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpts = tracin.Checkpoints.from_state_dicts([state, state], lr=[0.1, 0.01])
+    data = torch.utils.data.TensorDataset(x, y)
+    run = tracin.featurize(model, tracin.ClassificationTask(), ckpts, data, store=tmp_path / "nb")
+    notice = mislabel_scores(run).notice
+    assert notice is not None and "layers=['2.weight']" in notice

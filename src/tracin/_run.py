@@ -47,6 +47,16 @@ from tracin.store._store import FeatureStore
 
 __all__ = ["Run"]
 
+_NO_FEATURES = {
+    False: "folded vectors (clusters, indexes) need stored features, and this store keeps only "
+    "the exact squared norms (an exact run wider than 4,096 values): featurize again with "
+    "keep_features=True, or with proj_dim=... (e.g. proj_dim=1024, projection='kronecker')",
+    True: "folded vectors (clusters, indexes) need stored features, and this run keeps only "
+    "exact squared norms: featurize with proj_dim=... (e.g. proj_dim=1024), or with a store "
+    "and keep_features=True",
+}
+""" ``folded_blocks`` without training features: keyed by "the run has no store folder". """
+
 
 class Run(RunAnalysis):
     """Scores for one model, task, checkpoints and training set.
@@ -225,9 +235,7 @@ class Run(RunAnalysis):
         """
         relevance = check_relevance(relevance)
         if self.streaming:
-            raise ConfigError(
-                "folded vectors need stored features: featurize with a store or proj_dim"
-            )
+            raise ConfigError(_NO_FEATURES[self.store.root is None])
         return self._stored.folded_blocks(weights, relevance)
 
     def _unfactor(self, feats: np.ndarray) -> np.ndarray:

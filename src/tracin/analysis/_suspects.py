@@ -173,8 +173,9 @@ def _contrast_missing(run: StoredRun) -> str | None:
         return "needs at least 2 training rows"
     if run.streaming or not run.config.keep_features:
         return (
-            "needs stored training features: featurize with a store (keep_features=True) "
-            "and layers=[<final bias>]"
+            "needs stored training features and penultimate embeddings: featurize with a store "
+            "(keep_features=True), layers=[<final bias>] and embedding_layer=<the module before "
+            "the final layer>"
         )
     if run.n_train > CONTRAST_MAX_ROWS:
         return f"searches neighbors in O(N^2); it is left out above {CONTRAST_MAX_ROWS} rows"
@@ -190,12 +191,12 @@ def _contrast_missing(run: StoredRun) -> str | None:
 
 def _layer_notice(run: StoredRun) -> str | None:
     """A notice when the run holds more than one bias vector (the recipe uses the final bias)."""
-    params = run.config.parameters
-    if len(params) == 1 and params[0].endswith("bias"):
+    params = run.config.parameters  # in model order: the last one is the final layer's
+    if len(params) == 1:
         return None
-    biases = [p for p in params if p.endswith("bias")]
-    name = biases[-1] if biases else "<final layer>.bias"
+    prefix = params[-1].rsplit(".", 1)[0]
+    name = f"{prefix}.bias" if f"{prefix}.bias" in params else params[-1]
     return (
-        f"the measured recipe uses the final layer's bias alone; this run has "
-        f"{len(params)} parameter tensors. For it, featurize with layers=[{name!r}]"
+        f"the measured recipe uses the final layer's bias alone (its weight if it has no bias); "
+        f"this run has {len(params)} parameter tensors. For it, featurize with layers=[{name!r}]"
     )
