@@ -73,8 +73,9 @@ def test_labels_out_of_range_and_of_the_wrong_dtype(mlp_setup):
 def test_query_of_the_wrong_shape(mlp_setup):
     run = run_of(mlp_setup)
     bad = (torch.randn(3, 7, dtype=torch.float64), torch.tensor([0, 1, 2]))
-    with pytest.raises(tracin.TracInError, match=r"failed.* on the first query rows.*shapes"):
+    with pytest.raises(tracin.TracInError, match=r"failed.* on the first query rows.*shapes") as e:
         run.influence(bad)
+    assert "the 3 rows were padded to 64" in str(e.value)  # why the shapes in it say 64
 
 
 def test_nan_gradients_name_the_rows(mlp_setup):

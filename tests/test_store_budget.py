@@ -4,6 +4,7 @@ writing, and a budget that refuses a store too large, naming the fixes."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -134,3 +135,15 @@ def test_plan_check_is_exact_at_the_limit():
     plan.check(0.002, exact=True)
     with pytest.raises(tracin.ConfigError, match=r"2\.00 MB of features"):
         plan.check(0.0019, exact=True)
+
+
+def test_budget_suggests_a_proj_dim_that_fits():
+    """The suggested proj_dim is below the gradient's width and, followed, fits the budget."""
+    from tracin.store import StorePlan
+
+    plan = StorePlan((("train", 1000, 547), ("test", 10, 547)), 5, 4)
+    with pytest.raises(tracin.ConfigError) as info:
+        plan.check(max_store_gb=0.001, exact=True)
+    k = int(re.search(r"proj_dim=(\d+)", str(info.value)).group(1))
+    assert k < 547
+    StorePlan((("train", 1000, k), ("test", 10, k)), 5, 4).check(max_store_gb=0.001, exact=False)

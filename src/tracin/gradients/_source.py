@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tracin._batch import Batch, Data, iter_batches, map_tensors, pad_rows
+from tracin._batch import MIN_ROWS, Batch, Data, iter_batches, map_tensors, pad_rows
 from tracin._errors import ConfigError, DataError, EngineError, TaskError, TracInError
 from tracin.checkpoints._checkpoints import Checkpoint, Checkpoints
 from tracin.gradients._engines import IDENTITY, RunConfig, device_of, make_engine
@@ -63,6 +63,11 @@ def model_errors(
         place = f" in module {where}" if where else ""
         text = str(exc).strip()
         first = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        if n < MIN_ROWS:  # the engines see a padded batch: say why a shape shows MIN_ROWS rows
+            first += (
+                f" (the {n} rows were padded to {MIN_ROWS} by repeating the last one, so a shape "
+                f"above may count {MIN_ROWS})"
+            )
         rows = f"{stage} rows {start}..{start + n - 1} at checkpoint {ckpt_id!r}"
         if engine_failure_hint(exc):
             raise EngineError(

@@ -93,10 +93,24 @@ class StorePlan:
         drop = ", or pass keep_features=False (self-influence needs only the squared norms)"
         raise ConfigError(
             f"the store would hold {_gb(self.feature_bytes)} of features ({self.describe()}), "
-            f"past max_store_gb={max_store_gb:g}. Project the gradients with proj_dim=1024, "
+            f"past max_store_gb={max_store_gb:g}. Project the gradients with "
+            f"proj_dim={self._fitting_dim(max_store_gb)}, "
             f'projection="kronecker" (per layer, small and fast){drop if exact else ""}, or '
             "raise max_store_gb= if you mean it"
         )
+
+    def _fitting_dim(self, max_store_gb: float) -> int:
+        """A power-of-two ``proj_dim`` (at most 1024, below the widest split) within the budget.
+
+        1024 when even that does not fit (the budget is then the one to raise).
+        """
+        rows = sum(r for _, r, d in self.splits if d) * self.checkpoints * self.itemsize
+        widest = max(d for _, _, d in self.splits)
+        fit = int(max_store_gb * 1e9 // max(rows, 1))
+        k = 1024
+        while k > 16 and (k > fit or k >= widest):
+            k //= 2
+        return k if k <= fit and k < widest else 1024
 
 
 KEEP_DIM = 4096
