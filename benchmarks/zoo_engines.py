@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import datetime
 import functools
 import json
@@ -101,6 +100,9 @@ import tracin
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 sys.path.insert(0, str(ROOT.parent / "tests"))
+from engines import _cpu_snapshot as _cpu  # noqa: E402  (the same /proc readers)
+from engines import _status_kb, _version, mem_reset  # noqa: E402
+
 import zoo  # type: ignore[import-not-found]  # noqa: E402  (the zoo: models, data, tasks, losses)
 
 LRS = (0.1, 0.1, 0.01)
@@ -439,15 +441,6 @@ def fast_path_refusal(spec: Spec) -> str | None:
 
 
 # --- timing and memory --------------------------------------------------------------------------
-def _cpu() -> tuple[float, float, float]:
-    """Wall clock, CPU seconds the machine has been busy, CPU seconds of this process."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        busy = float("nan")
-    return time.perf_counter(), busy, time.process_time()
 
 
 def _timed(fn: Callable[[int], Any], rows: int) -> tuple[float, float, Any]:
@@ -458,28 +451,6 @@ def _timed(fn: Callable[[int], Any], rows: int) -> tuple[float, float, Any]:
     secs = w1 - w0
     others = max(0.0, (b1 - b0) - (p1 - p0)) / secs if secs >= 0.25 else float("nan")
     return secs, others, out
-
-
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def mem_reset() -> int | None:
-    """Give freed heap back, reset the peak resident set; the resident set now (kB)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except (OSError, AttributeError):
-        return None
-    return _status_kb("VmRSS")
 
 
 @dataclass
@@ -989,15 +960,6 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Path errors:", ""]
         lines += [f"- {k} / {r['key']}: {r['error']}" for k, r in errors]
     return "\n".join(lines) + "\n"
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,6 @@ TracIn clusters (smaller / larger).
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tracin.analysis._cluster import array_source, spherical_kmeans
+from tracin.experiments._results import pyplot, save_result
 from tracin.experiments._setup import Prepared, SetupConfig, prepare
 from tracin.scoring._relevance import unit_rows
 
@@ -108,18 +108,14 @@ class ClusterResult:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Write ``cluster.json`` and the plot ``cluster.png`` into ``directory``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "cluster.json").write_text(json.dumps(self.to_json(), indent=1))
-        return {"json": out / "cluster.json", "plot": plot_cluster(self, out / "cluster.png")}
+        return save_result(
+            directory, "cluster", self.to_json(), lambda path: plot_cluster(self, path)
+        )
 
 
 def plot_cluster(result: ClusterResult, path: Path) -> Path:
     """Grouped bars: ARI per method, one group per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(2.2 * len(result.runs) + 4, 4.2))
     names = [m for m in METHODS if all(m in r["ari"] for r in result.runs)]

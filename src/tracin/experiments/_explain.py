@@ -26,7 +26,6 @@ baseline).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from torch.utils.data import TensorDataset
 from tracin._errors import ConfigError
 from tracin._run import Run
 from tracin._task import ClassificationTask
+from tracin.experiments._results import pyplot, save_result
 from tracin.experiments._setup import Prepared, SetupConfig, prepare
 from tracin.scoring._relevance import unit_rows
 
@@ -241,10 +241,9 @@ class ExplainResult:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Write ``explain.json`` and the plot ``explain.png`` into ``directory``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "explain.json").write_text(json.dumps(self.to_json(), indent=1))
-        return {"json": out / "explain.json", "plot": plot_explain(self, out / "explain.png")}
+        return save_result(
+            directory, "explain", self.to_json(), lambda path: plot_explain(self, path)
+        )
 
 
 PLOTTED = (RAW, DEFAULT, "all layers: cosine, last checkpoint", "last layer: cosine, lr weights "
@@ -253,10 +252,7 @@ PLOTTED = (RAW, DEFAULT, "all layers: cosine, last checkpoint", "last layer: cos
 
 def plot_explain(result: ExplainResult, path: Path) -> Path:
     """Per run, grouped bars: class, sub-class, flipped, randomisation for the main relevances."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cols = ("top1_same_true_class", "top1_same_subclass", "flipped_in_top10",
             "randomised_spearman", "randomised_top10_overlap")  # fmt: skip

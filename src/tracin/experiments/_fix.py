@@ -29,7 +29,6 @@ Retraining only depends on which flipped rows are fixed, so runs are shared betw
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,6 +53,7 @@ from tracin.experiments._mislabel import (
     cleanlab_scores,
     train_mlp,
 )
+from tracin.experiments._results import pyplot, save_result
 from tracin.pipeline._api import featurize
 
 __all__ = ["DATASETS", "DEFAULT", "FixConfig", "FixResult", "evaluate_fix"]
@@ -189,18 +189,12 @@ class FixResult:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Write ``fix.json`` and the plot ``fix.png`` into ``directory``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "fix.json").write_text(json.dumps(self.to_json(), indent=1))
-        return {"json": out / "fix.json", "plot": plot_fix(self, out / "fix.png")}
+        return save_result(directory, "fix", self.to_json(), lambda path: plot_fix(self, path))
 
 
 def plot_fix(result: FixResult, path: Path) -> Path:
     """Test accuracy against the fraction inspected and fixed, mean ± std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cfg = result.config
     fig, ax = plt.subplots(figsize=(7.5, 4.5))

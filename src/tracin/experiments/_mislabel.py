@@ -21,7 +21,6 @@ Regimes: ``brief`` (8 epochs, lr drop: the model has not fit the flipped labels)
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from tracin._errors import ConfigError, MissingDependencyError
 from tracin._task import ClassificationTask
 from tracin.analysis._metrics import auroc, recall_at
 from tracin.checkpoints._recorder import CheckpointRecorder, log_spaced_steps
+from tracin.experiments._results import pyplot, save_result
 from tracin.pipeline._api import featurize
 
 __all__ = ["FRACTIONS", "MislabelConfig", "MislabelResult", "evaluate_mislabel"]
@@ -124,18 +124,14 @@ class MislabelResult:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Write ``mislabel.json`` and the plot ``mislabel.png`` into ``directory``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "mislabel.json").write_text(json.dumps(self.to_json(), indent=1))
-        return {"json": out / "mislabel.json", "plot": plot_recall(self, out / "mislabel.png")}
+        return save_result(
+            directory, "mislabel", self.to_json(), lambda path: plot_recall(self, path)
+        )
 
 
 def plot_recall(result: MislabelResult, path: Path) -> Path:
     """Recall of flipped labels against the fraction inspected, mean ± std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cfg = result.config
     fig, ax = plt.subplots(figsize=(7.5, 4.5))

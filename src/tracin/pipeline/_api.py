@@ -24,6 +24,7 @@ from tracin.pipeline._featurize import (
     manifest,
     plan,
     settings,
+    split_rows,
     stream_sqnorms,
     write_store,
 )
@@ -159,9 +160,9 @@ def featurize(
         if s.streaming:
             sq = stream_sqnorms(source, task, checkpoints, train_data, n_train, progress)
             memory = FeatureStore(None)  # embeddings, if any, are kept in memory
-            embed(s, source, memory, progress=progress)
+            embed(s, source, memory, split_rows(s, n_train), progress=progress)
             return _run(s, source, memory, n_train, progress, sqnorms=sq)
-        m = manifest(s)
+        m = manifest(s, split_rows(s, n_train))
         store_plan = plan(s, source, m)
         store_plan.check(max_store_gb, s.config.projection.exact)  # before any I/O
         feature_store = write_store(s, source, m, store_plan, progress)

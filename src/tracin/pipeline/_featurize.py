@@ -54,6 +54,7 @@ __all__ = [
     "manifest",
     "model_fingerprint",
     "plan",
+    "split_rows",
     "settings",
     "stream_sqnorms",
     "write_store",
@@ -199,12 +200,18 @@ def check_first_batch(
     return count_rows(data, source.batch_size)
 
 
-def manifest(s: Settings, n_rows: Mapping[str, int] | None = None) -> Manifest:
+def split_rows(s: Settings, n_train: int) -> dict[str, int]:
+    """Rows of every split: ``n_train`` (counted by `check_first_batch`) and each query split."""
+    rows = {name: count_rows(data, s.config.batch_size) for name, data in s.queries.items()}
+    return {"train": n_train, **rows}
+
+
+def manifest(s: Settings, n_rows: Mapping[str, int]) -> Manifest:
     """Step 5: the manifest: configuration, model, checkpoints; per split rows, data, task."""
     size = s.config.batch_size
     splits = {
         name: {
-            "n_rows": count_rows(data, size) if n_rows is None else n_rows[name],
+            "n_rows": n_rows[name],
             "fingerprint": data_fingerprint(data, size),
             "task": task_fingerprint(
                 s.task if name == "train" else s.query_task,
@@ -255,7 +262,7 @@ def write_store(
         for name, (data, score) in s.splits().items():
             source.fill(store, name, s.checkpoints, score, data, rows[name], s.config,
                         progress, part)  # fmt: skip
-        embed(s, source, store, part, progress)
+        embed(s, source, store, rows, part, progress)
         barrier(part)  # the store is complete on every rank
     return store
 
@@ -264,6 +271,7 @@ def embed(
     s: Settings,
     source: GradientSource,
     store: FeatureStore,
+    rows: Mapping[str, int],
     part: tuple[int, int] = (0, 1),
     progress: Any = None,
 ) -> None:
@@ -271,8 +279,7 @@ def embed(
     if s.embedding_layer is None:
         return
     for name, (data, score) in s.splits().items():
-        n_rows = count_rows(data, s.config.batch_size)
-        source.embed(store, name, s.checkpoints[-1], s.embedding_layer, score, data, n_rows,
+        source.embed(store, name, s.checkpoints[-1], s.embedding_layer, score, data, rows[name],
                      s.config, part, progress)  # fmt: skip
 
 
