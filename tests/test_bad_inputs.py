@@ -265,15 +265,15 @@ def cli_run(tmp_path_factory):
 
 
 CLI_CASES = [
-    (["featurize", "{d}/spec.py", "--store", "{d}/notes.txt"], r"store='.*notes\.txt' is a file"),
+    (["featurize", "{d}/spec.py", "--store", "{d}/notes.txt"], r"--store '.*notes\.txt' is a file"),
     (["self-influence", "{d}/notes.txt"], r"is a file, not a directory"),
     (["featurize", "{d}/spec.py", "--store", "{d}/run2", "--projection", "fast"], "'fast'"),
     (
         ["featurize", "{d}/spec.py", "--store", "{d}/run2", "--projection", "gaussian"],
         "needs proj_dim",
     ),
-    (["featurize", "{d}/spec.py", "--store", "{d}/run2", "--engine", "fast"], "engine='fast'"),
-    (["featurize", "{d}/spec.py", "--store", "{d}/run2", "--block-rows", "0"], "block_rows=0"),
+    (["featurize", "{d}/spec.py", "--store", "{d}/run2", "--engine", "fast"], "--engine 'fast'"),
+    (["featurize", "{d}/spec.py", "--store", "{d}/run2", "--block-rows", "0"], "--block-rows 0"),
     (
         ["featurize", "{d}/spec.py", "--store", "{d}/run", "--query-score", "prediction"],
         r"splits\.test\.task\.settings\.query \('loss' -> 'prediction'\).*--overwrite",

@@ -58,7 +58,7 @@ class Shared(nn.Module):
 
 
 class WithNorm(nn.Module):
-    """LayerNorm and BatchNorm (eval) are hooked; a free parameter falls back to torch.func."""
+    """LayerNorm and BatchNorm (eval) are hooked; a free parameter too (gradients/_bare.py)."""
 
     def __init__(self):
         super().__init__()
@@ -152,7 +152,7 @@ def test_exact_features_equal_backward_oracle(kind, case):
     np.testing.assert_allclose(eng.sqnorms(weights, ce, batch).numpy(), sq.numpy(), rtol=1e-10)
     if kind == "factored":  # only what no hook can capture goes to torch.func
         rest = [] if eng.rest is None else list(eng.rest.names)
-        assert rest == (["scale"] if case == "fallback" else [])
+        assert rest == []
 
 
 @pytest.mark.parametrize("case", ["conv1d+conv2d", "norms"])
@@ -281,21 +281,26 @@ def test_kronecker_projects_unhooked_parameters_densely():
     model = cls().double().eval()
     names = [n for n, _ in model.named_parameters()]
     weights = {k: v.detach() for k, v in model.state_dict().items()}
-    eng = FactoredEngine(model, names, ProjectionConfig("kronecker", 16, seed=3))
+    off = ["scale"]  # left to torch.func
+    eng = FactoredEngine(model, names, ProjectionConfig("kronecker", 4, seed=3), exclude=off)
     feats, sq = eng.features(weights, ce, batch, ckpt_key=4)
-    exact, exact_sq = FactoredEngine(model, names, ProjectionConfig()).features(
+    exact, exact_sq = FactoredEngine(model, names, ProjectionConfig(), exclude=off).features(
         weights, ce, batch, 4
     )
     torch.testing.assert_close(sq, exact_sq, rtol=1e-12, atol=0)
     assert eng.dim() == feats.shape[1] and eng.rest_projector is not None
     scale = exact[:, _offset(model, "scale") :][:, :6]
     p_rest = eng.rest_projector.matrix_block(4, 0, 0, 6).double()
-    torch.testing.assert_close(feats[:, -16:], scale @ p_rest, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(feats[:, -4:], scale @ p_rest, rtol=1e-10, atol=1e-12)
     hooked_only = [n for n in names if n != "scale"]
-    part = FactoredEngine(model, hooked_only, ProjectionConfig("kronecker", 16, seed=3))
-    torch.testing.assert_close(feats[:, :-16], part.features(weights, ce, batch, 4)[0])
-    # distinct seeds: the dense block's normals are not layer 0's P_in (scales 1/4 and 1/2)
-    assert not torch.allclose(p_rest[0, :4].float() * 4, eng._matrix(4, 0, 0, 5)[0] * 2)
+    part = FactoredEngine(model, hooked_only, ProjectionConfig("kronecker", 4, seed=3))
+    torch.testing.assert_close(feats[:, :-4], part.features(weights, ce, batch, 4)[0])
+    # no wider than dim: the unhooked parameters keep their exact gradients, not a projection
+    wide = FactoredEngine(model, names, ProjectionConfig("kronecker", 16, seed=3), exclude=off)
+    wide_feats, _ = wide.features(weights, ce, batch, ckpt_key=4)
+    assert wide.rest_projector is None and wide.dim() == wide_feats.shape[1]
+    torch.testing.assert_close(wide_feats[:, -6:], scale, rtol=1e-12, atol=0)
+    assert not torch.allclose(p_rest[0, :2].float() * 2, eng._matrix(4, 0, 0, 5)[0, :2] * 2**0.5)
 
 
 def _offset(model, name):
@@ -328,7 +333,7 @@ def test_last_layer_path_is_exact(mlp_setup, tmp_path):
         tracin.featurize(model, task, ckpts, data, projection="last_layer")
 
 
-def test_transformer_encoder_uses_hooks_and_fallback():
+def test_transformer_encoder_is_all_on_the_hooks():
     torch.manual_seed(6)
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
     model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 3, 2)).double().eval()
@@ -336,7 +341,8 @@ def test_transformer_encoder_uses_hooks_and_fallback():
     y = torch.randint(0, 2, (4,))
     names = [n for n, _ in model.named_parameters()]
     eng = FactoredEngine(model, names, ProjectionConfig())
-    assert "0.self_attn.out_proj.weight" in eng.rest.names  # not hooked: MHA never calls it
+    assert eng.rest is None  # MHA's projections are hooked through its F.linear calls
+    assert {"0.self_attn.in_proj", "0.self_attn.out_proj"} <= {la.name for la in eng.layers}
     weights = {k: v.detach() for k, v in model.state_dict().items()}
     feats, sq = eng.features(weights, ce, (x, y), 0)
     oracle = brute_force_grads(model, model.state_dict(), ce, rows((x, y))[:4])

@@ -82,7 +82,7 @@ def test_bad_configuration_is_one_config_error(kwargs, message):
 
 def test_cli_refuses_bad_data_in_one_line(tmp_path):
     result = runner.invoke(app, ["eval", "fix", "--data", "cifar", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "data='cifar'" in result.output
+    assert result.exit_code == 2 and "--data 'cifar'" in result.output
 
 
 @pytest.mark.slow

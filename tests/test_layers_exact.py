@@ -20,6 +20,7 @@ from torch import nn
 
 import tracin
 from conftest import brute_force_grads, brute_force_influence
+from tracin.gradients._bare import BareParameter as Bare
 from tracin.gradients._factored import FactoredEngine
 from tracin.gradients._layers import shared_parameters, supported_layers
 from tracin.projection._config import ProjectionConfig
@@ -125,7 +126,7 @@ def kronecker_blocks(eng, model, names, exact, checkpoint):
         w = params[layer.weight]
         g = exact[:, start[layer.weight] : start[layer.weight] + w.numel()]
         module = layer.module
-        if isinstance(module, nn.LayerNorm | nn.BatchNorm1d | nn.BatchNorm2d):
+        if isinstance(module, nn.LayerNorm | nn.BatchNorm1d | nn.BatchNorm2d | nn.PReLU | Bare):
             parts = [g] + ([exact[:, start[layer.bias] :][:, : w.numel()]] if layer.bias else [])
             blocks.append(torch.cat(parts, 1))
             continue
@@ -135,7 +136,8 @@ def kronecker_blocks(eng, model, names, exact, checkpoint):
         else:
             g = g.reshape(b, w.shape[0], -1)
         if layer.bias:
-            g = torch.cat([g, exact[:, start[layer.bias] :][:, : g.shape[1], None]], 2)
+            first = start[layer.bias] + layer.bias_start  # a third of a packed bias
+            g = torch.cat([g, exact[:, first:][:, : g.shape[1], None]], 2)
         (k_out, k_in), (n_out, n_in) = eng._sides(layer), g.shape[1:]
         p_out = eng._matrix(checkpoint, layer.index, 1, n_out).double() if k_out < n_out else None
         p_in = eng._matrix(checkpoint, layer.index, 0, n_in).double() if k_in < n_in else None
@@ -209,7 +211,8 @@ def test_weight_shared_between_two_linears():
 
 class Aliased(nn.Module):
     """A module registered under two names (T5's ``shared`` is ``encoder.embed_tokens``): not a
-    tie, every call of it is hooked; ``rest`` adds a parameter only torch.func sees."""
+    tie, every call of it is hooked; ``rest`` adds a bare parameter (hooked as one, and checked
+    through torch.func too)."""
 
     def __init__(self, rest=False):
         super().__init__()
@@ -253,7 +256,9 @@ def test_module_registered_under_two_names_through_featurize(rest):
     params = list(model.parameters())
     x = torch.randn(5, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (5,))
-    check_exact(model, ce, (x, y), hooked=["twice", "out"])
+    check_exact(model, ce, (x, y), hooked=["twice", "out"] + (["scale"] if rest else []))
+    _unchanged(model, params)
+    check_influence(model, ce, (x, y), engines=("functional",))
     _unchanged(model, params)
 
 

@@ -163,7 +163,7 @@ def test_cli_writes_log_lines_and_the_plan_when_not_a_terminal(tmp_path):
     assert quiet.stderr == ""  # a short job under the default interval prints no progress
     res = runner.invoke(app, ["featurize", str(spec), "--store", str(tmp_path / "big"),
                               "--keep-features", "--max-store-gb", "1e-9"])  # fmt: skip
-    assert res.exit_code == 2 and "max_store_gb=1e-09" in res.stderr
+    assert res.exit_code == 2 and "--max-store-gb 1e-09" in res.stderr
 
 
 @pytest.mark.parametrize("keep", [True, False])

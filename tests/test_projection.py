@@ -89,3 +89,31 @@ def test_bad_projection_configs():
         ProjectionConfig("identity", 16)
     with pytest.raises(tracin.ConfigError, match="'sparse'"):
         ProjectionConfig("sparse", 16)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "kronecker"])
+def test_a_projection_no_smaller_than_the_gradient_keeps_the_exact_features(kind):
+    from torch import nn
+
+    from tracin.gradients import effective_projection
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # 26 parameters
+    names = tuple(n for n, _ in model.named_parameters())
+    assert effective_projection(model, names, ProjectionConfig(kind, 26)).kind == "identity"
+    assert effective_projection(model, names, ProjectionConfig(kind, 25)).kind == kind
+    x, y = torch.randn(7, 3), torch.randint(0, 2, (7,))
+    ckpts = tracin.Checkpoints.from_state_dicts([model.state_dict()], lr=[0.3])
+    task = tracin.ClassificationTask()
+    run = tracin.featurize(model, task, ckpts, (x, y), proj_dim=64, projection=kind)
+    exact = tracin.featurize(model, task, ckpts, (x, y))
+    np.testing.assert_allclose(run.influence((x, y)), exact.influence((x, y)), rtol=1e-5)
+
+
+def test_kronecker_matrices_live_on_the_features_device():
+    from tracin.projection._kronecker import KroneckerProjection
+
+    proj = KroneckerProjection(ProjectionConfig("kronecker", 16, seed=2), n_layers=1)
+    cpu = proj.matrix(0, 0, 1, 9)
+    meta = proj.matrix(0, 0, 1, 9, device="meta")
+    assert meta.device.type == "meta" and meta.shape == cpu.shape
+    assert proj.matrix(0, 0, 1, 9) is cpu  # cached per device, the same numbers on each

@@ -31,13 +31,21 @@ class OutsideUse(nn.Module):
 
 
 class GRURegressor(nn.Module):
-    def __init__(self, cell: type[nn.Module] = nn.GRU) -> None:
+    """A recurrent regressor; ``packed`` feeds it a PackedSequence (no hook, no vmap rule)."""
+
+    def __init__(self, cell: type[nn.Module] = nn.GRU, packed: bool = False) -> None:
         super().__init__()
+        self.packed = packed
         self.rnn = cell(3, 5, num_layers=2, bidirectional=True, batch_first=True)
         self.out = nn.Linear(10, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.rnn(x)[0][:, -1])
+        if not self.packed:
+            return self.out(self.rnn(x)[0][:, -1])
+        lengths = [x.shape[1]] * x.shape[0]
+        seq = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+        out, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(seq)[0], batch_first=True)
+        return self.out(out[:, -1])
 
 
 class ItemControlFlow(nn.Module):
@@ -113,6 +121,7 @@ MODELS = {
     "outside_use": OutsideUse,
     "gru": GRURegressor,
     "rnn": lambda: GRURegressor(nn.RNN),
+    "packed_gru": lambda: GRURegressor(packed=True),
     "item_control_flow": ItemControlFlow,
 }
 
@@ -133,7 +142,7 @@ def test_auto_and_loop_match_float64_oracle(name: str, engine: str) -> None:
     np.testing.assert_allclose(got_self, want_self, rtol=1e-9)
     np.testing.assert_allclose(got_inf, want_inf, rtol=1e-9, atol=1e-12 * np.abs(want_inf).max())
     notices = [w for w in caught if issubclass(w.category, TracInWarning)]
-    if engine == "loop" or name == "item_control_flow":  # hooks need no vmap: exact as they are
+    if engine == "loop" or name in ("item_control_flow", "gru", "rnn"):  # hooks need no vmap
         assert not notices
     else:  # auto had to leave its fast path, and says so once, naming what it moved
         assert len(notices) == 1
@@ -148,7 +157,9 @@ def test_named_engines_refuse_what_they_get_wrong(name: str, engine: str) -> Non
     model = MODELS[name]().double().eval()
     data, task = _data(model)
     # torch.func is right on a weight used outside its module; hooks need no vmap
-    if (name, engine) in (("outside_use", "functional"), ("item_control_flow", "factored")):
+    right = {("outside_use", "functional"), ("item_control_flow", "factored"),
+             ("gru", "factored"), ("rnn", "factored")}  # fmt: skip
+    if (name, engine) in right:
         run = tracin.featurize(
             model, task, _checkpoints(model), TensorDataset(*data), engine=engine
         )
@@ -161,7 +172,7 @@ def test_named_engines_refuse_what_they_get_wrong(name: str, engine: str) -> Non
     assert "engine='loop'" in text or "engine='auto'" in text
     if name == "outside_use":
         assert "emb.weight" in text
-    if name in ("gru", "rnn") and engine == "functional":
+    if name in ("gru", "rnn", "packed_gru") and engine == "functional":
         assert "'rnn'" in text
 
 

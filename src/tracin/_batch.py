@@ -1,9 +1,10 @@
 """Batches and data sources.
 
 A batch is a tensor, a tuple/list of tensors, or a dict of tensors (Hugging Face style), nested
-freely; every tensor leaf has the examples along its first dimension. Training data is a
-`torch.utils.data.Dataset` or an unshuffled `DataLoader`; row ``i`` of every result is the ``i``-th
-example in that order.
+freely; every tensor leaf has the examples along its first dimension. A NumPy array leaf is taken
+as ``torch.as_tensor(array)`` (dtype kept, as a DataLoader's collate makes of NumPy rows).
+Training data is a `torch.utils.data.Dataset` or an unshuffled `DataLoader`; row ``i`` of every
+result is the ``i``-th example in that order.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
 
+import numpy as np
 import torch
 from torch.utils.data import (
     BatchSampler,
@@ -39,22 +41,48 @@ __all__ = [
     "pad_rows",
     "select",
     "slice_batch",
+    "tensors",
 ]
 
 Batch: TypeAlias = Any
-"""A tensor, or a tuple, list or dict of batches."""
+"""A tensor (or NumPy array), or a tuple, list or dict of batches."""
 Key: TypeAlias = int | str
 Data: TypeAlias = "Dataset[Any] | DataLoader[Any]"
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    """``torch.as_tensor(array)``: the same dtype and values.
+
+    A read-only, non-native byte order or negatively strided array (which torch cannot share) is
+    copied first.
+
+    Raises:
+        DataError: a dtype torch has no tensor for (object, strings, ...).
+    """
+    if not array.flags.writeable or not array.dtype.isnative or any(s < 0 for s in array.strides):
+        array = np.array(array, dtype=array.dtype.newbyteorder("="), copy=True)
+    try:
+        return torch.as_tensor(array)
+    except (TypeError, ValueError, RuntimeError):
+        raise DataError(
+            f"batch leaf is a NumPy array of dtype {array.dtype}, which torch cannot hold; "
+            "convert it to numbers first (e.g. labels to integer codes, text to token ids), "
+            "then pass torch.as_tensor(array)"
+        ) from None
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], batch: Batch) -> Batch:
     """Apply ``fn`` to every tensor leaf of ``batch``, keeping its structure.
 
+    A NumPy array leaf is first made a tensor with ``torch.as_tensor`` (dtype kept).
+
     Raises:
-        DataError: a leaf is neither a tensor nor a container of tensors.
+        DataError: a leaf is neither a tensor, a NumPy array of numbers, nor a container of them.
     """
     if isinstance(batch, torch.Tensor):
         return fn(batch)
+    if isinstance(batch, np.ndarray):
+        return fn(_from_numpy(batch))
     if isinstance(batch, Mapping):
         return {k: map_tensors(fn, v) for k, v in batch.items()}
     if isinstance(batch, tuple | list):
@@ -63,6 +91,30 @@ def map_tensors(fn: Callable[[torch.Tensor], Any], batch: Batch) -> Batch:
         f"batch leaf of type {type(batch).__name__} is not a tensor; batches must be tensors, "
         "tuples/lists or dicts of tensors (tokenize text and convert labels to tensors first)"
     )
+
+
+def _has_numpy(batch: Batch) -> bool:
+    if isinstance(batch, np.ndarray):
+        return True
+    if isinstance(batch, Mapping):
+        return any(_has_numpy(v) for v in batch.values())
+    if isinstance(batch, tuple | list):
+        return any(_has_numpy(v) for v in batch)
+    return False
+
+
+def tensors(data: Any) -> Any:
+    """``data`` with every NumPy array leaf made a tensor (``torch.as_tensor``, dtype kept).
+
+    Anything without a NumPy leaf (a tensor batch, a Dataset, a DataLoader, a split name) is
+    returned as it is, so a tensor batch keeps its identity and container type.
+
+    Raises:
+        DataError: a NumPy leaf whose dtype torch cannot hold.
+    """
+    if isinstance(data, Dataset | DataLoader | str) or not _has_numpy(data):
+        return data
+    return map_tensors(lambda t: t, data)
 
 
 def _leaves(batch: Batch) -> list[torch.Tensor]:
@@ -119,6 +171,8 @@ def describe(batch: Batch) -> str:
     """A batch's items for error messages, e.g. ``(Tensor(6, 3) float64, Tensor(6,) int64)``."""
     if isinstance(batch, torch.Tensor):
         return f"Tensor{tuple(batch.shape)} {str(batch.dtype).removeprefix('torch.')}"
+    if isinstance(batch, np.ndarray):
+        return f"ndarray{tuple(batch.shape)} {batch.dtype}"
     if isinstance(batch, Mapping):
         return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in batch.items()) + "}"
     if isinstance(batch, tuple | list):
@@ -237,6 +291,7 @@ def iter_batches(data: Data | Batch, batch_size_: int) -> Iterator[Batch]:
     if isinstance(data, Dataset | DataLoader):
         yield from _loader(data, batch_size_)
         return
+    data = tensors(data)  # NumPy leaves once, not once per slice
     n = batch_size(data)
     for start in range(0, n, batch_size_):
         yield slice_batch(data, start, min(start + batch_size_, n))

@@ -49,11 +49,14 @@ class HookError(EngineError, TaskError):
 
     Attributes:
         params: the layer's parameter names; ``engine="auto"`` computes them another way.
+        quiet: an attempt that was expected to fail on some models (a bare parameter used in a
+            way the hooks cannot follow): the parameters move to torch.func without a warning.
     """
 
-    def __init__(self, message: str, params: tuple[str, ...] = ()) -> None:
+    def __init__(self, message: str, params: tuple[str, ...] = (), quiet: bool = False) -> None:
         super().__init__(message)
         self.params = params
+        self.quiet = quiet
 
 
 class StoreError(TracInError):

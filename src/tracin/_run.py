@@ -256,8 +256,9 @@ class Run(RunAnalysis):
         """TracInCP score of every training row on every query, shape ``(Q, N)``.
 
         Args:
-            query: a batch (tensor, tuple or dict of tensors), a Dataset, a DataLoader, or the
-                name of a split stored with `featurize`'s ``queries``.
+            query: a batch (tensor, tuple or dict of tensors; a NumPy array counts as
+                ``torch.as_tensor(array)``, dtype kept), a Dataset, a DataLoader, or the name of
+                a split stored with `featurize`'s ``queries``.
             query_task: task whose ``query_score`` is differentiated for the queries (default:
                 the run's task), e.g. ``ClassificationTask(query="prediction")`` for unlabelled
                 queries.

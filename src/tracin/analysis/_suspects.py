@@ -57,10 +57,25 @@ class MislabelScores:
     description: str
     notice: str | None = None
 
-    def order(self, top: int = 0) -> np.ndarray:
-        """Training row indices, most suspect first; ``top > 0`` keeps that many."""
+    def order(self, top: int | None = None) -> np.ndarray:
+        """Training row indices, most suspect first.
+
+        Args:
+            top: how many rows to keep (a positive integer; more than there are keeps all), or
+                ``None`` (default) for all rows.
+
+        Raises:
+            ConfigError: ``top`` is not a positive integer (``0`` no longer means all rows: pass
+                ``top=None`` for all rows).
+        """
         order = np.argsort(-self.scores, kind="stable")
-        return order[:top] if top > 0 else order
+        if top is None:
+            return order
+        try:
+            count = integer("top", top, example=100)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; or pass top=None for all rows") from None
+        return order[:count]
 
     def _repr_html_(self) -> str:
         """A notebook table of the most suspect rows: rank, row, score, label, example."""

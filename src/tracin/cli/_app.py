@@ -195,8 +195,8 @@ def suspects(
     result = mislabel_scores(open_run(store), recipe, k=k, strict=strict)
     if result.notice:
         err.print(f"tracin: notice: {result.notice}", markup=False, highlight=False)
-    rows = [(rank + 1, int(i), float(result.scores[i])) for rank, i in
-            enumerate(result.order(top))]  # fmt: skip
+    order = result.order(top or None)  # --top 0: every row (order() takes None for all)
+    rows = [(rank + 1, int(i), float(result.scores[i])) for rank, i in enumerate(order)]
     write_table(["rank", "train_row", "score"], rows, fmt, output, console, result.description)
 
 

@@ -1,8 +1,8 @@
 """Making the feature engine for a run: which engine, which projection, on which device.
 
 `make_engine` is the one seam between a run's configuration (`RunConfig`) and the engines of this
-package; `effective_projection` applies the rule that a dense projection to ``proj_dim >= P`` keeps
-the exact features.
+package; `effective_projection` applies the rule that a projection to ``proj_dim >= P`` keeps the
+exact features.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def make_engine(
     """The feature engine a configuration asks for.
 
     ``auto`` takes the factored (hook) engine whenever a selected layer is hookable
-    (Linear, Conv, Embedding, LayerNorm, BatchNorm, Hugging Face Conv1D): one batched backward
+    (Linear, Bilinear, Conv, Embedding, LayerNorm, BatchNorm, PReLU, Hugging Face Conv1D,
+    MultiheadAttention's projections, RNN/LSTM/GRU): one batched backward
     gives those layers' per-example gradients and torch.func computes only the other parameters'
     (measured in ``benchmarks/engines.py``: 2-7x faster than torch.func alone on CNNs and
     transformers). With no hookable layer, torch.func. ``loop`` takes one backward per example.
@@ -145,13 +146,13 @@ def make_engine(
 def effective_projection(
     model: nn.Module, names: tuple[str, ...], proj: ProjectionConfig
 ) -> ProjectionConfig:
-    """``proj``, or no projection when a dense one would be no smaller than the gradient.
+    """``proj``, or no projection when it would be no smaller than the gradient.
 
-    A dense projection to ``proj_dim >= P`` (the number of selected parameters) costs more than
-    the exact features and only adds error, so the exact features are kept instead.
+    A dense or Kronecker projection to ``proj_dim >= P`` (the number of selected parameters)
+    costs more than the exact features (a dense one is wider, a Kronecker one adds matrices
+    per layer) and only adds error, so the exact features are kept instead.
     """
-    dense = proj.dense and proj.dim is not None
-    if dense and int(proj.dim or 0) >= sum(_sizes(model, names)):
+    if proj.projected and int(proj.dim or 0) >= sum(_sizes(model, names)):
         return ProjectionConfig("identity", None, proj.seed)
     return proj
 

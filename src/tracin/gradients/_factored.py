@@ -40,7 +40,7 @@ from torch import nn
 from tracin._batch import Batch, batch_size
 from tracin._errors import ConfigError, HookError, TaskError
 from tracin.checkpoints._checkpoints import Checkpoint
-from tracin.gradients import _conv
+from tracin.gradients import _bare, _conv, _intercept
 from tracin.gradients._aliases import call
 from tracin.gradients._functional import ExampleGradients, FunctionalEngine, ScoreFn, row_sqnorms
 from tracin.gradients._layers import (
@@ -80,8 +80,9 @@ class FactoredEngine:
         names: selected parameter names.
         projection: ``identity`` (exact gradients) or ``kronecker`` (per-layer ``k_out x k_in``
             with ``k_in = k_out = round(sqrt(dim))``; parameters outside hooked layers, e.g.
-            nn.MultiheadAttention's packed projection, get one dense Gaussian projection to
-            ``dim`` more features, seeded apart from the layers' matrices).
+            a ``nn.Conv3d``'s, get one dense Gaussian projection to
+            ``dim`` more features, seeded apart from the layers' matrices; when they number no
+            more than ``dim``, their exact gradients instead).
         exclude: parameter names never hooked (their layer goes to ``rest``).
         rest: engine for parameters outside hooked layers: ``"functional"`` (torch.func) or
             ``"loop"`` (one backward per example, for modules vmap cannot batch).
@@ -135,7 +136,12 @@ class FactoredEngine:
         params = dict(model.named_parameters())
         self.sizes = {n: params[n].numel() for n in names}
         self.rest_projector: DenseProjector | None = None
-        if self.rest is not None and projection.kind == "kronecker":
+        self.rest_exact = 0  # Kronecker runs: width of the rest's exact gradients (few params)
+        rest_size = sum(self.sizes[n] for n in rest_names)
+        kron_rest = self.rest is not None and projection.kind == "kronecker"
+        if kron_rest and rest_size <= int(projection.dim or 0):  # projecting would only widen
+            self.rest_exact = rest_size
+        if self.rest is not None and projection.kind == "kronecker" and not self.rest_exact:
             dense = ProjectionConfig("gaussian", projection.dim, projection.seed)
             self.rest_projector = DenseProjector(  # layer ids after the hooked layers' seeds
                 [self.sizes[n] for n in rest_names], dense, layer_offset=len(self.layers)
@@ -153,7 +159,7 @@ class FactoredEngine:
             return sum(self.sizes.values())
         if self.projection.kind == "last_layer":
             return self.split() + int(self._weight_shape()[0])
-        rest = 0 if self.rest_projector is None else self.rest_projector.k
+        rest = self.rest_exact if self.rest_projector is None else self.rest_projector.k
         first = {layer.index: layer for layer in reversed(self.layers)}  # a tied weight once
         return rest + sum(
             sum(self.sizes[n] for n in (layer.weight, layer.bias) if n)
@@ -184,9 +190,11 @@ class FactoredEngine:
         assert self.kronecker is not None
         return self.kronecker.side
 
-    def _matrix(self, ckpt_key: int, layer: int, which: int, rows: int) -> torch.Tensor:
+    def _matrix(
+        self, ckpt_key: int, layer: int, which: int, rows: int, device: Any = "cpu"
+    ) -> torch.Tensor:
         assert self.kronecker is not None
-        return self.kronecker.matrix(ckpt_key, layer, which, rows)
+        return self.kronecker.matrix(ckpt_key, layer, which, rows, device)
 
     def _captured(
         self, weights: Mapping[str, torch.Tensor], score: ScoreFn, batch: Batch
@@ -195,8 +203,11 @@ class FactoredEngine:
         params = {n: w.detach().requires_grad_(n in self.sizes) if w.is_floating_point() else w
                   for n, w in weights.items()}  # fmt: skip
 
+        bare = [layer for layer in self.layers if isinstance(layer.module, _bare.BareParameter)]
+        given = _bare.tracked(params, bare, batch_size(batch)) if bare else params
+
         def model(*args: Any, **kwargs: Any) -> Any:
-            return call(self.model, params, args, kwargs)
+            return call(self.model, given, args, kwargs)
 
         hooked = list(dict.fromkeys(n for layer in self.layers for n in layer.params()))
         for _ in range(2):  # a second pass copies what the model modified in place
@@ -218,13 +229,17 @@ class FactoredEngine:
         result, i = [], 0
         for layer in self.layers:
             calls = []
-            for x, o in zip(layer.inputs, layer.outputs, strict=True):
-                g = grads[i] if grads[i] is not None else torch.zeros_like(o)
-                calls.append((x, g.detach()))
+            starts: list[int | None] = [*layer.offsets] or [None] * len(layer.inputs)
+            for x, o, start in zip(layer.inputs, layer.outputs, starts, strict=True):
+                g = (grads[i] if grads[i] is not None else torch.zeros_like(o)).detach()
+                if start is not None:  # a call on a row block of a packed weight
+                    g = _intercept.pad_rows(g, start, _layer_shape(layer)[0])
+                calls.append((x, g))
                 i += 1
             layer.inputs.clear()
             layer.outputs.clear()
             layer.versions.clear()
+            layer.offsets.clear()
             if not calls:
                 raise HookError(
                     f"layer {layer.name!r} was not called by the model's forward pass; its "
@@ -285,10 +300,11 @@ class FactoredEngine:
                     pieces[name] = pieces[name] + g if name in pieces else g
         for parts in tied.values():  # ||sum_i G_i||^2 = sum_i ||G_i||^2 + the cross terms
             sq += tie_cross(parts)
-        if self.rest_projector is not None and self.rest is not None:
+        if kind == "kronecker" and self.rest is not None:
             g = self.rest.gradients(weights, score, batch)
             sq += row_sqnorms(g)
-            kron.append(self.rest_projector.project(g, ckpt_key))
+            projector = self.rest_projector
+            kron.append(g if projector is None else projector.project(g, ckpt_key))
         if kron:
             return torch.cat(kron, dim=1), sq
         if self.rest is not None:
@@ -325,7 +341,7 @@ class FactoredEngine:
         """``[a, 1] @ P_in`` (one-hot rows of P_in for an Embedding), or ``[a, 1]`` if exact."""
         n_in, bias, emb = _layer_shape(layer)[1], layer.bias is not None, _rows(layer)
         if self._sides(layer)[1] < n_in:
-            p_in = self._matrix(ckpt_key, layer.index, 0, n_in)
+            p_in = self._matrix(ckpt_key, layer.index, 0, n_in, a.device)
             if emb is not None:
                 return p_in[a]  # (B, T, k_in)
             p_in = p_in.to(a.dtype)  # [a, 1] @ P_in without copying a: a @ P_in[:-1] + P_in[-1]
@@ -343,7 +359,7 @@ class FactoredEngine:
         n_in, bias = _layer_shape(layer)[1], layer.bias is not None
         d = _cat([_conv.output_positions(module, g).to(_acc(g.dtype)) for _, g in calls])
         if self._sides(layer)[1] < n_in:
-            p_in = self._matrix(ckpt_key, layer.index, 0, n_in).to(d.dtype)
+            p_in = self._matrix(ckpt_key, layer.index, 0, n_in, d.device).to(d.dtype)
             a = _cat([_conv.input_projection(module, x, p_in, bias) for x, _ in calls])
             return a, d
         a = _cat([_conv.patches(module, x).to(d.dtype) for x, _ in calls])

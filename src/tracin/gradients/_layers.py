@@ -3,10 +3,14 @@
 A hooked layer records, per call in a forward pass, its input (for a norm layer the normalised
 input ``xhat``) and, after one ``autograd.grad`` to its outputs, the output gradient ``d``.
 Linear, Embedding and convolution gradients are ``sum_t d_t a_t^T`` over positions ``t``;
-LayerNorm and BatchNorm (eval) gradients are ``sum_t d_t * xhat_t`` and ``sum_t d_t``.
+LayerNorm and BatchNorm (eval) gradients are ``sum_t d_t * xhat_t`` and ``sum_t d_t``; PReLU's
+slope gradient is ``sum_t d_t * min(x_t, 0)``. ``nn.Bilinear`` is a Linear over the outer products
+``x1 x2^T`` of its inputs (its weight ``(out, in1, in2)`` flattened to ``(out, in1 * in2)``).
 Hugging Face ``Conv1D`` (``y = x @ W + b``, ``W`` of shape ``(in, out)``) is a Linear whose
 gradient is ``G^T``; ``nn.EmbeddingBag`` is an Embedding over bag members
-(`tracin.gradients._bags`).
+(`tracin.gradients._bags`). Modules that apply their weights through ``F.linear``
+(``nn.MultiheadAttention``, ``nn.LSTM``/``nn.GRU``/``nn.RNN``) give one Linear layer per
+projection, recorded from those calls (`tracin.gradients._intercept`).
 
 Only a layer whose gradient is provably ``sum_t d_t a_t^T`` is hooked. A weight shared by one
 Embedding and bias-free Linears (tied input/output embeddings, `embedding_ties`) is hooked in
@@ -32,7 +36,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from tracin._errors import HookError, TaskError
-from tracin.gradients import _bags, _conv
+from tracin.gradients import _bags, _bare, _conv, _intercept
 
 
 @dataclass
@@ -49,6 +53,10 @@ class _Layer:
     versions: list[tuple[int, int]] = field(default_factory=list)
     clone: bool = False  # set once the model was seen to modify an input/output in place
     tied: bool = False  # a Linear whose weight is an Embedding's: G taken as the Embedding's (D, V)
+    parent: nn.Module | None = None  # called by this module via F.linear (_intercept)
+    offsets: list[int] = field(default_factory=list)  # per call: its first row of the weight
+    bias_start: int = 0  # the layer owns rows [bias_start, bias_start + out) of its bias ...
+    bias_rows: int | None = None  # ... of this size (a third of MultiheadAttention's in_proj_bias)
 
     def params(self) -> tuple[str, ...]:
         """The layer's selected parameter names (weight, then bias if any)."""
@@ -68,6 +76,8 @@ def own_calls_detached(layers: Sequence[_Layer]) -> Iterator[None]:
     handles: list[Any] = []
     saved: list[dict[str, Any]] = []
     for layer in layers:
+        if layer.parent is not None:  # _intercept.intercepted gives its calls copies
+            continue
         attrs = tuple(n.rsplit(".", 1)[-1] for n in layer.params())
 
         def pre(mod: nn.Module, args: Any, names: tuple[str, ...] = attrs) -> None:
@@ -140,6 +150,7 @@ def _conv_base(module: nn.Module) -> type[nn.Module]:
 
 
 _NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+_ELEMENTWISE = (*_NORMS, nn.PReLU, _bare.BareParameter)  # sum_t d_t * (input)_t, kept exact
 
 
 def _norm_ok(module: nn.Module) -> bool:
@@ -165,6 +176,8 @@ def _supported(module: nn.Module) -> bool:
         return _own_forward(module, nn.EmbeddingBag) and _bags.bag_ok(module)
     if isinstance(module, nn.Linear):
         return _own_forward(module, nn.Linear)
+    if isinstance(module, nn.Bilinear | nn.PReLU):
+        return _own_forward(module, type(module))
     return _is_hf_conv1d(module) or _conv_ok(module) or _norm_ok(module)
 
 
@@ -215,6 +228,7 @@ def supported_layers(
     attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     inside_mha = {f"{n}.out_proj" if n else "out_proj" for n in attention}
     for mod_name, module in model.named_modules():
+        layers += _projection_layers(mod_name, module, chosen - banned, shared, len(layers))
         if mod_name in inside_mha or not _plain(module) or not _supported(module):
             continue
         params = [p for p in module._parameters.values() if p is not None]
@@ -232,7 +246,29 @@ def supported_layers(
             covered |= own
     layers = _whole_ties(model, layers, ties)
     covered = {n for layer in layers for n in layer.params()}
+    for name, stand_in in _bare.bare_candidates(model, names, shared):
+        if name not in covered and name not in banned:
+            layers.append(_Layer(name, stand_in, len(layers), name, None))
+            covered.add(name)
     return layers, [n for n in names if n not in covered]
+
+
+def _projection_layers(
+    mod_name: str, module: nn.Module, allowed: set[str], shared: set[int], first: int
+) -> list[_Layer]:
+    """A module's F.linear projections (`_intercept`) whose parameters are allowed, unshared."""
+    prefix = f"{mod_name}." if mod_name else ""
+    out: list[_Layer] = []
+    for proj in _intercept.projections(module):
+        bias = prefix + proj.bias if proj.bias else None
+        own = {prefix + proj.weight} | ({bias} if bias else set())
+        tensors = [p for p in proj.linear._parameters.values() if p is not None]
+        if own <= allowed and not any(id(p) in shared for p in tensors):
+            layer = _Layer(prefix + proj.name, proj.linear, first + len(out), prefix + proj.weight,
+                           bias, parent=module, bias_start=proj.bias_start,
+                           bias_rows=proj.bias_rows)  # fmt: skip
+            out.append(layer)
+    return out
 
 
 def embedding_ties(model: nn.Module) -> set[int]:
@@ -322,19 +358,24 @@ def _positions(
     members (`tracin.gradients._bags`). ``out`` is upcast to float32 for a half-precision model.
     """
     module = layer.module
-    b = x.shape[0]
     out = out.to(_acc(out.dtype))
+    if isinstance(module, _bare.BareParameter):  # out: the per-example copies' gradient
+        d = out.reshape(out.shape[0], 1, -1)
+        return d, d
+    b = x.shape[0]
     if isinstance(module, nn.EmbeddingBag):
         return _bags.positions(x, out)
     if isinstance(module, nn.LayerNorm):
         width = int(np.prod(module.normalized_shape))
         return x.reshape(b, -1, width), out.reshape(b, -1, width)
-    if isinstance(module, _NORMS):  # BatchNorm: channels second
+    if isinstance(module, nn.PReLU) and module.num_parameters == 1:  # one slope: every entry
+        return x.reshape(b, -1, 1), out.reshape(b, -1, 1)
+    if isinstance(module, _ELEMENTWISE):  # BatchNorm, PReLU: channels second
         c = x.shape[1]
         return x.reshape(b, c, -1).transpose(1, 2), out.reshape(b, c, -1).transpose(1, 2)
     if isinstance(module, nn.Embedding):
         return x.reshape(b, -1), out.reshape(b, -1, out.shape[-1])
-    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
+    if isinstance(module, nn.Linear | nn.Bilinear) or _is_hf_conv1d(module):
         return x.reshape(b, -1, x.shape[-1]), out.reshape(b, -1, out.shape[-1])
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
     return _conv.patches(module, x), _conv.output_positions(module, out)
@@ -355,6 +396,9 @@ def _capture(layers: Sequence[_Layer], batch: int | None = None) -> Iterator[Non
         layer.inputs.clear()
         layer.outputs.clear()
         layer.versions.clear()
+        layer.offsets.clear()
+        if layer.parent is not None:  # recorded by _intercept.intercepted
+            continue
 
         def hook(
             mod: nn.Module,
@@ -385,7 +429,8 @@ def _capture(layers: Sequence[_Layer], batch: int | None = None) -> Iterator[Non
         # sits downstream of the recorded output, and autograd accounts for it
         handles.append(layer.module.register_forward_hook(hook, with_kwargs=True, prepend=True))
     try:
-        yield
+        with _intercept.intercepted(layers, batch):
+            yield
     finally:
         for handle in handles:
             handle.remove()
@@ -395,6 +440,10 @@ def _input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     """The call's input (detached), positional or ``input=``; an EmbeddingBag's packed members."""
     if isinstance(module, nn.EmbeddingBag):
         return _bags.members(module, args, kwargs)
+    if isinstance(module, nn.Bilinear):  # a Linear over the outer products x1_i x2_j
+        x1, x2 = (args[0], args[1]) if len(args) > 1 else (kwargs["input1"], kwargs["input2"])
+        assert isinstance(x1, torch.Tensor) and isinstance(x2, torch.Tensor)
+        return (x1.detach().unsqueeze(-1) * x2.detach().unsqueeze(-2)).flatten(-2)
     x = args[0] if args else kwargs["input"]
     assert isinstance(x, torch.Tensor)
     return x.detach()
@@ -427,6 +476,8 @@ def _recorded_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    if isinstance(module, nn.PReLU):  # d y / d slope = min(x, 0)
+        return x.clamp(max=0)
     if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
         if module.training:
             raise TaskError(
@@ -483,12 +534,15 @@ def _is_conv(layer: _Layer) -> bool:
 
 
 def _is_norm(layer: _Layer) -> bool:
-    return isinstance(layer.module, _NORMS)
+    """An elementwise layer (LayerNorm, BatchNorm, PReLU): exact gradients, never projected."""
+    return isinstance(layer.module, _ELEMENTWISE)
 
 
 def _norm_gradients(layer: _Layer, calls: Sequence[_Call]) -> dict[str, torch.Tensor]:
     """A norm layer's exact per-example gradients: ``sum_t d_t * xhat_t`` and ``sum_t d_t``."""
     xhat, d = _layer_positions(layer, calls)
+    if isinstance(layer.module, _bare.BareParameter):  # the copies' gradients, summed over uses
+        return {layer.weight: d.sum(1)}
     out = {layer.weight: (xhat * d).sum(1)}
     if layer.bias is not None:
         out[layer.bias] = d.sum(1)
@@ -540,4 +594,7 @@ def _exact(
         g = g.transpose(1, 2)
     if layer.bias is None:
         return {layer.weight: g.reshape(b, -1)}
-    return {layer.weight: g.reshape(b, -1), layer.bias: d.sum(1)}
+    bias = d.sum(1)
+    if layer.bias_rows is not None:  # a third of a packed bias
+        bias = _intercept.pad_rows(bias, layer.bias_start, layer.bias_rows)
+    return {layer.weight: g.reshape(b, -1), layer.bias: bias}

@@ -223,6 +223,9 @@ def verify_engine(
     choice, notices = EngineChoice(), []
     for _ in range(len(names) + 2):
         result = _attempt(build, choice, names, sizes, ref, weights, score, rows, tol)
+        if isinstance(result.failure, HookError) and result.failure.quiet and result.bad:
+            choice = replace(choice, exclude=(*choice.exclude, *result.bad))  # as before: no notice
+            continue
         if isinstance(result.failure, HookError) and engine_name != "auto":
             raise result.failure
         if result.failure is not None and result.bad and engine_name != "auto":

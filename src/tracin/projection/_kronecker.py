@@ -37,22 +37,31 @@ class KroneckerProjection:
         self.config = config
         self.side = max(1, round(float(np.sqrt(config.dim))))
         self.n_layers = n_layers
-        self._mats: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._mats: dict[tuple[int, int, int, str], torch.Tensor] = {}
 
     def sides(self, n_out: int, n_in: int) -> tuple[int, int]:
         """Projected ``(k_out, k_in)`` of an ``(n_out, n_in)`` layer (small sides stay exact)."""
         return min(n_out, self.side), min(n_in, self.side)
 
-    def matrix(self, ckpt_key: int, layer: int, which: int, rows: int) -> torch.Tensor:
-        """``P_in`` (``which=0``) or ``P_out`` (``which=1``) of ``layer``, ``(rows, side)``."""
-        key = (ckpt_key, layer, which)
+    def matrix(
+        self,
+        ckpt_key: int,
+        layer: int,
+        which: int,
+        rows: int,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """``P_in`` (``which=0``) or ``P_out`` (``which=1``) of ``layer``, ``(rows, side)``.
+
+        Drawn on the CPU (the same numbers on every device), kept on ``device``.
+        """
+        key = (ckpt_key, layer, which, str(device))
         if key not in self._mats:
             if len(self._mats) > 4 * self.n_layers:
                 self._mats.clear()
             gen = generator(self.config.seed, ckpt_key, layer, which)
-            self._mats[key] = torch.randn(rows, self.side, generator=gen) / float(
-                np.sqrt(self.side)
-            )
+            mat = torch.randn(rows, self.side, generator=gen) / float(np.sqrt(self.side))
+            self._mats[key] = mat.to(device)
         return self._mats[key]
 
     def outer(
@@ -68,5 +77,5 @@ class KroneckerProjection:
             ckpt_key: the checkpoint's key (`checkpoint_key` of its id).
         """
         if self.sides(n_out, 1)[0] < n_out:
-            d = d @ self.matrix(ckpt_key, layer, 1, n_out).to(d.dtype)
+            d = d @ self.matrix(ckpt_key, layer, 1, n_out, d.device).to(d.dtype)
         return torch.bmm(d.transpose(1, 2), a_proj.to(d.dtype)).reshape(d.shape[0], -1)
