@@ -49,7 +49,10 @@ step always uses 64. Checkpoints tie weights as the model does (a tied tensor is
 Timing: a warm-up on 8 rows that guesses the size, sizing runs until one takes ~``--budget``
 seconds (zoo 0.25, CNNs 1.0, transformers 1.2) or uses every row available (zoo 8192, cnn47k
 4096, rescnn 2048, transformers 512), then the best of two runs at that size (``--quick``:
-the warm-up, then one run on 64 rows, 16 for the transformers). ``others`` is the CPU cores
+the warm-up, then one run on 64 rows, 16 for the transformers). The training step and tracin's
+paths keep runs of at least 4 of their batches (at most 512 rows): on a 1 s budget a transformer
+run of 70 rows measured mostly its fixed cost (engine self-check, checkpoint loading, store
+creation); the 8-row warm-up's seconds are saved as ``warmup_s``. ``others`` is the CPU cores
 other processes used during the kept run (``/proc/stat`` minus this process's CPU time).
 
 Memory (Linux): before each path the process gives freed heap back (``malloc_trim``) and
@@ -479,8 +482,13 @@ def measure(
     ckpts: int = len(LRS),
     step: int = 1,
     prepare: Callable[[int], None] | None = None,
+    floor: int = 0,
 ) -> dict[str, Any]:
     """Time ``fn(rows)``, rows sized to ~``opts.budget`` s; a result dict.
+
+    ``floor``: the fewest rows of a kept run (tracin's paths: 4 batches), so that a run's fixed
+    cost (engine self-check, checkpoint loading, store creation) does not stand for its
+    throughput; the 8-row warm-up's time is kept as ``warmup_s``, an upper bound of that cost.
 
     A warm-up on 8 rows (timed, to guess the size), sizing runs (repeated at a corrected size,
     at least twice the rows, while under 60% of the budget or under one ``step`` of rows, unless
@@ -506,7 +514,7 @@ def measure(
         else:
             rows = _size(w, t_w, opts.budget, limit, step)
             secs, others, out = timed(fn, rows)
-            least = min(limit, step)  # a per-call fixed cost can fill the budget: >= 1 batch
+            least = min(limit, max(step, floor))  # a fixed cost can fill the budget
             for _ in range(8):  # fixed costs make small runs look slow: grow at least 2x
                 enough = secs >= 0.6 * opts.budget and (rows >= least or secs > 4 * opts.budget)
                 if enough or rows >= limit:
@@ -525,7 +533,7 @@ def measure(
         print(f"    {key:<20} ERROR {res['error']}", flush=True)
         return res
     peak = _status_kb("VmHWM")
-    res.update(rows=rows, seconds=secs, rate=rows * ckpts / secs, others=others)
+    res.update(rows=rows, seconds=secs, rate=rows * ckpts / secs, others=others, warmup_s=t_w)
     if peak is not None and base is not None:
         res.update(peak_mb=peak / 1024, mem_mb=max(0, peak - base) / 1024)
     if isinstance(out, np.ndarray):
@@ -744,13 +752,14 @@ def bench_model(spec: Spec, quick: bool, budget: float | None, tmp: Path) -> dic
     ctx = Ctx(spec, model, train, query, n, paths, ckpts, tmp)
     opts = Opts(budget or spec.budget, quick)
     bs, probe = spec.batch, min(n, 64)  # probe: the rows of a --quick run
+    fl = min(n, 4 * bs, 512)  # tracin's paths and the train step: >= 4 batches (<= 512 rows)
     stream, prepare = streamed(ctx)
     res = [
-        measure("train", train_step(ctx), n, probe, opts, ckpts=1, step=TRAIN_BATCH),
+        measure("train", train_step(ctx), n, probe, opts, ckpts=1, step=TRAIN_BATCH, floor=fl),
         measure("forward", forward(ctx), n, probe, opts, ckpts=1, step=256),
-        measure("exact", exact(ctx), n, probe, opts, step=bs),
-        measure("stream_q64", stream, n, probe, opts, step=bs, prepare=prepare),
-        measure("kron_store", kron_store(ctx), n, probe, opts, step=bs),
+        measure("exact", exact(ctx), n, probe, opts, step=bs, floor=fl),
+        measure("stream_q64", stream, n, probe, opts, step=bs, prepare=prepare, floor=fl),
+        measure("kron_store", kron_store(ctx), n, probe, opts, step=bs, floor=fl),
         measure(
             "last_layer",
             exact(ctx, layers=[spec.final], projection="last_layer"),
@@ -758,6 +767,7 @@ def bench_model(spec: Spec, quick: bool, budget: float | None, tmp: Path) -> dic
             probe,
             opts,
             step=bs,
+            floor=fl,
         ),
         measure("captum_fast_last", captum(ctx, "fast_last"), n, probe, opts, step=64),
         measure("captum_samplewise", captum(ctx, "samplewise"), n, probe, opts, step=64),
