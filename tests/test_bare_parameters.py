@@ -68,3 +68,24 @@ def test_a_refused_use_names_the_parameter():
     with pytest.raises(tracin.HookError, match="'pos'") as info:
         eng.features(weights, ce, _batch(), 0)
     assert info.value.quiet and info.value.params == ("pos",)
+
+
+class Chunked(nn.Module):
+    """A bare parameter split into tensors (a tuple result) before use: torch.func, exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.pair = nn.Parameter(torch.randn(2, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        a, b = self.pair.chunk(2)
+        return self.head(torch.tanh(self.inp(x).mean(1) * a + b))
+
+
+def test_a_use_that_returns_several_tensors_goes_to_torch_func():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_influence(Chunked().double().eval(), ce, _batch(), engines=("auto", "factored"))

@@ -101,3 +101,13 @@ def test_forward_is_restored_and_packed_sequences_go_to_another_engine():
 
     with pytest.warns(tracin.TracInWarning):
         check_influence(model, ce, _batch(), engines=("auto",))
+
+
+def test_unrolled_outputs_are_contiguous_like_the_kernels():
+    class Viewed(Recurrent):
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.head(out.view(x.shape[0], x.shape[1], 8)[:, -1])  # view needs contiguous
+
+    torch.manual_seed(0)
+    check_exact(Viewed(), ce, _batch(), hooked=_hooked())

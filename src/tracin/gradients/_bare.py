@@ -93,10 +93,16 @@ class _Tracked(torch.Tensor):
                 return _expand(tracked, args[1:], kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             result = func(*args, **kwargs)
-        if isinstance(result, torch.Tensor) or not mine:
+        if _has_tensor(result) or not mine:  # a tensor from it would carry no gradient
             layer = (mine or [a for a in kwargs.values() if isinstance(a, _Tracked)])[0]._layer
             raise _refuse(layer, f"{name or func}")
         return result
+
+
+def _has_tensor(result: Any) -> bool:
+    if isinstance(result, torch.Tensor):
+        return True
+    return isinstance(result, tuple | list) and any(_has_tensor(r) for r in result)
 
 
 def _refuse(layer: Any, what: str) -> HookError:

@@ -115,7 +115,7 @@ def _run(module: nn.RNNBase, x: Any, hx: Any) -> Any:
             last_h.append(h)
             last_c.append(c)
         seq = outs[0] if n_dirs == 1 else torch.cat(outs, dim=2)
-    output = seq.transpose(0, 1) if module.batch_first else seq
+    output = seq.transpose(0, 1).contiguous() if module.batch_first else seq  # as the kernel's
     h_n = torch.stack(last_h)
     return (output, (h_n, torch.stack(last_c))) if lstm else (output, h_n)
 
