@@ -57,6 +57,7 @@ class _Layer:
     offsets: list[int] = field(default_factory=list)  # per call: its first row of the weight
     bias_start: int = 0  # the layer owns rows [bias_start, bias_start + out) of its bias ...
     bias_rows: int | None = None  # ... of this size (a third of MultiheadAttention's in_proj_bias)
+    bias_only: bool = False  # only the bias is selected (``weight`` names it): sum_t d_t, exact
 
     def params(self) -> tuple[str, ...]:
         """The layer's selected parameter names (weight, then bias if any)."""
@@ -244,6 +245,9 @@ def supported_layers(
             tied = tie is not None and isinstance(module, nn.Linear)
             layers.append(_Layer(mod_name, module, index, weight, bias, tied=tied))
             covered |= own
+        elif bias and bias in chosen and weight not in chosen and bias not in banned:
+            layers.append(_Layer(mod_name, module, len(layers), bias, None, bias_only=True))
+            covered.add(bias)  # a frozen weight (BitFit, a LayerNorm's bias alone)
     layers = _whole_ties(model, layers, ties)
     covered = {n for layer in layers for n in layer.params()}
     for name, stand_in in _bare.bare_candidates(model, names, shared):
@@ -530,16 +534,22 @@ _Call = tuple[torch.Tensor, torch.Tensor]
 
 
 def _is_conv(layer: _Layer) -> bool:
-    return isinstance(layer.module, nn.Conv1d | nn.Conv2d)
+    return isinstance(layer.module, nn.Conv1d | nn.Conv2d) and not layer.bias_only
 
 
 def _is_norm(layer: _Layer) -> bool:
-    """An elementwise layer (LayerNorm, BatchNorm, PReLU): exact gradients, never projected."""
-    return isinstance(layer.module, _ELEMENTWISE)
+    """An elementwise layer (LayerNorm, BatchNorm, PReLU, a bias alone): exact, never projected."""
+    return layer.bias_only or isinstance(layer.module, _ELEMENTWISE)
 
 
 def _norm_gradients(layer: _Layer, calls: Sequence[_Call]) -> dict[str, torch.Tensor]:
     """A norm layer's exact per-example gradients: ``sum_t d_t * xhat_t`` and ``sum_t d_t``."""
+    if layer.bias_only:  # a bias alone: sum_t d_t (a convolution's d per output position)
+        module = layer.module
+        if isinstance(module, nn.Conv1d | nn.Conv2d):
+            sums = [_conv.output_positions(module, g).to(_acc(g.dtype)).sum(1) for _, g in calls]
+            return {layer.weight: torch.stack(sums).sum(0)}
+        return {layer.weight: _layer_positions(layer, calls)[1].sum(1)}
     xhat, d = _layer_positions(layer, calls)
     if isinstance(layer.module, _bare.BareParameter):  # the copies' gradients, summed over uses
         return {layer.weight: d.sum(1)}
