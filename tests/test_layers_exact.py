@@ -502,7 +502,7 @@ def test_embedding_bags_that_are_not_examples_are_refused():
     model = TwoBagsEach().double().eval()
     names = [n for n, _ in model.named_parameters()]
     eng = FactoredEngine(model, names, ProjectionConfig())
-    with pytest.raises(tracin.TaskError, match="one EmbeddingBag bag per example"):
+    with pytest.raises(tracin.TaskError, match="an EmbeddingBag needs one bag per example"):
         eng.features(weights_of(model), ce, (_ids(4, 6, 13), torch.zeros(4, dtype=torch.long)), 0)
 
 

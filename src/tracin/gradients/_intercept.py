@@ -73,7 +73,7 @@ def intercepted(layers: Sequence[_Recorded], batch: int | None) -> Iterator[None
 
         def pre(mod: nn.Module, args: Any, kwargs: Any, group: list[_Recorded] = group) -> None:
             first = args[0] if args else next(iter(kwargs.values()), None)
-            rows = _examples(mod, first, batch, group[0])
+            rows = _examples(mod, first, batch, group)
             F.linear = _recorder(mod, group, rows)
 
         def post(mod: nn.Module, args: Any, out: Any) -> None:
@@ -95,20 +95,32 @@ def intercepted(layers: Sequence[_Recorded], batch: int | None) -> Iterator[None
             del parent.forward
 
 
-def _examples(mod: nn.Module, query: Any, batch: int | None, layer: _Recorded) -> int:
-    """The number of examples in a call of the module (its input's batch dimension)."""
+def _examples(mod: nn.Module, query: Any, batch: int | None, group: list[_Recorded]) -> int:
+    """The number of examples in a call of the module (its input's batch dimension).
+
+    Raises:
+        HookError: naming every parameter of the module's hooked layers (none is hooked alone).
+    """
+    params = tuple(n for layer in group for n in layer.params())
+    name = group[0].name.rsplit(".", 1)[0] if "." in group[0].name else type(mod).__name__
     if not isinstance(query, torch.Tensor) or query.dim() != 3:
         raise HookError(
-            f"layer {layer.name!r} got an input that is not (B, T, E) or (T, B, E) (a packed "
-            "sequence or an unbatched input); use engine='auto' (torch.func computes it)",
-            layer.params(),
+            f"module {name!r} got an input that is not (B, T, E) or (T, B, E) (a packed "
+            "sequence or an unbatched input); engine='auto' computes it another way",
+            params,
+        )
+    if mod.training and float(getattr(mod, "dropout", 0.0) or 0.0) > 0:
+        raise HookError(
+            f"module {name!r} is in training mode with dropout; engine='auto' computes it "
+            "another way",
+            params,
         )
     rows = int(query.shape[0] if getattr(mod, "batch_first", False) else query.shape[1])
     if batch is not None and rows != batch:
         raise HookError(
-            f"layer {layer.name!r} got {rows} examples for a batch of {batch}; use "
-            "engine='auto' (torch.func computes it)",
-            layer.params(),
+            f"module {name!r} got {rows} examples for a batch of {batch}; engine='auto' "
+            "computes it another way",
+            params,
         )
     return rows
 

@@ -416,9 +416,10 @@ def _capture(layers: Sequence[_Layer], batch: int | None = None) -> Iterator[Non
                 if x.shape[0] != 1 or out.shape[0] != 1:
                     raise HookError(
                         f"layer {lay.name!r} got input of shape {tuple(x.shape)} for a batch of "
-                        f"{batch}: the factored engine needs batch-first inputs (one "
-                        "EmbeddingBag bag per example); use engine='auto' or 'functional', or "
-                        "leave the layer out of layers=[...]",
+                        f"{batch}: the hooks need the examples along the first dimension (a "
+                        "sequence-first layer, batch_first=False, has them second; an "
+                        "EmbeddingBag needs one bag per example). engine='auto' computes it "
+                        "another way; with engine='factored', leave it out of layers=[...]",
                         lay.params(),
                     )
                 x = x.expand(batch, *x.shape[1:])

@@ -31,6 +31,7 @@ from torch import nn
 
 from tracin._batch import Batch, batch_size, slice_batch
 from tracin._errors import EngineError, HookError, TracInError, TracInWarning
+from tracin.gradients import _functional, _loop
 from tracin.gradients._functional import FeatureEngine, ScoreFn
 from tracin.gradients._loop import LoopEngine
 
@@ -111,9 +112,10 @@ def _hooked(engine: Any) -> set[str]:
 
 def _inside_functional(exc: BaseException) -> bool:
     """Whether ``exc`` was raised inside a torch.func engine (not in the hooks)."""
+    files = {_functional.__file__, _loop.__file__}
     tb = exc.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith(("_engine.py", "_loop.py")):
+        if tb.tb_frame.f_code.co_filename in files:
             return True
         tb = tb.tb_next
     return False
@@ -199,6 +201,7 @@ def verify_engine(
     weights: Mapping[str, torch.Tensor],
     score: ScoreFn,
     batch: Batch,
+    start: EngineChoice | None = None,
 ) -> FeatureEngine:
     """The engine to use: ``build(EngineChoice(), False)`` if it is right on ``batch``'s first rows.
 
@@ -210,6 +213,9 @@ def verify_engine(
         weights: the first checkpoint's tensors.
         score: the per-example score being featurized.
         batch: the first batch (on the model's device).
+        start: the choice to start from (default: hook everything hookable, torch.func for the
+            rest); a run that met a layer the hooks cannot do on a later batch starts from the
+            choice it had, with that layer excluded.
 
     Raises:
         EngineError: the engine named by ``engine_name`` is wrong or cannot run on this model;
@@ -220,7 +226,7 @@ def verify_engine(
     params = dict(model.named_parameters())
     sizes = {n: params[n].numel() for n in names}
     tol = _TOLERANCE.get(params[names[0]].dtype, 1e-4)
-    choice, notices = EngineChoice(), []
+    choice, notices = start or EngineChoice(), []
     for _ in range(len(names) + 2):
         result = _attempt(build, choice, names, sizes, ref, weights, score, rows, tol)
         if isinstance(result.failure, HookError) and result.failure.quiet and result.bad:
@@ -249,7 +255,9 @@ def verify_engine(
         if not result.bad:
             assert result.engine is not None
             if notices:
-                text = "; then ".join(notices)
+                text = "; then ".join(notices[:3])
+                if len(notices) > 3:
+                    text += f"; and {len(notices) - 3} more like them"
                 warnings.warn(f"tracin engine 'auto': {text}", TracInWarning, stacklevel=4)
             return result.engine
         assert result.bad is not None

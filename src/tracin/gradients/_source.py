@@ -8,6 +8,7 @@ user's model or task into one tracin error naming the rows and the checkpoint.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -18,7 +19,15 @@ import torch
 from torch import nn
 
 from tracin._batch import MIN_ROWS, Batch, Data, iter_batches, map_tensors, pad_rows
-from tracin._errors import ConfigError, DataError, EngineError, TaskError, TracInError
+from tracin._errors import (
+    ConfigError,
+    DataError,
+    EngineError,
+    HookError,
+    TaskError,
+    TracInError,
+    TracInWarning,
+)
 from tracin.checkpoints._checkpoints import Checkpoint, Checkpoints
 from tracin.gradients._engines import IDENTITY, RunConfig, device_of, make_engine
 from tracin.gradients._functional import FeatureEngine, ScoreFn, functional_model
@@ -134,8 +143,15 @@ class GradientSource:
         # the loop engine is the reference; scaled gradients are not the reference's
         self._verified = config is None or config.engine == "loop"
         self._verified = self._verified or not engine.verifiable
+        self._choice: EngineChoice | None = None
 
-    def _verify(self, weights: dict[str, torch.Tensor], score: ScoreFn, batch: Batch) -> None:
+    def _verify(
+        self,
+        weights: dict[str, torch.Tensor],
+        score: ScoreFn,
+        batch: Batch,
+        start: EngineChoice | None = None,
+    ) -> None:
         """Check the engine once, on the first batch (`tracin.gradients._selfcheck`)."""
         if self._verified or self.config is None:
             return
@@ -151,9 +167,63 @@ class GradientSource:
             return built[choice, exact]
 
         self.engine = verify_engine(
-            self.model, config.engine, config.parameters, build, weights, score, batch
+            self.model, config.engine, config.parameters, build, weights, score, batch, start
         )
+        self._choice = next((c for (c, _), e in built.items() if e is self.engine), start)
         self._verified = True
+
+    def _computed(
+        self,
+        weights: dict[str, torch.Tensor],
+        score: ScoreFn,
+        batch: Batch,
+        fn: Callable[[FeatureEngine], T],
+    ) -> T:
+        """``fn(engine)`` on a batch; a layer the hooks refuse on a later batch is rerouted.
+
+        The self-check saw the first batch only: a later batch (a shorter sequence that slices
+        a positional parameter, a packed sequence) can take a path the hooks cannot follow. With
+        ``engine="auto"`` and exact or densely projected features, the engine is checked again on
+        this batch with those parameters excluded from the hooks, and the batch recomputed:
+        every engine's exact gradients are the same numbers, so earlier batches stay valid.
+
+        Raises:
+            HookError: a named engine's refusal (the message names ``engine='auto'``).
+            EngineError: a Kronecker or last-layer run, whose features depend on the engine.
+        """
+        self._verify(weights, score, batch)
+        for _ in range(len(self.config.parameters) if self.config else 0):
+            try:
+                return fn(self.engine)
+            except HookError as exc:
+                self._reroute(exc, weights, score, batch)
+        return fn(self.engine)
+
+    def _reroute(
+        self, exc: HookError, weights: dict[str, torch.Tensor], score: ScoreFn, batch: Batch
+    ) -> None:
+        """Exclude ``exc.params`` from the hooks and check the engine again (see `_computed`)."""
+        config = self.config
+        if config is None or config.engine != "auto" or not exc.params:
+            raise exc
+        if config.projection.in_engine:
+            raise EngineError(
+                f"{exc} -- on a later batch than the engine self-check saw. A "
+                f"{config.projection.kind!r} projection cannot move {list(exc.params)} to "
+                "another engine mid-run (their features would change projection): pass "
+                "projection='gaussian', or leave them out of layers=[...]"
+            ) from exc
+        if not exc.quiet:
+            warnings.warn(
+                f"tracin engine 'auto': {str(exc).splitlines()[0]} (on a later batch); "
+                f"{list(exc.params)} are computed by torch.func from here on",
+                TracInWarning,
+                stacklevel=6,
+            )
+        choice = self._choice or EngineChoice()
+        start = replace(choice, exclude=(*choice.exclude, *exc.params))
+        self._verified = False
+        self._verify(weights, score, batch, start)
 
     def weights(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors, fitted to the model (with its preconditioner, if any)."""
@@ -184,8 +254,7 @@ class GradientSource:
         key = checkpoint_key(checkpoint.id)
 
         def compute(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-            self._verify(weights, score, b)
-            return self.engine.features(weights, score, b, key)
+            return self._computed(weights, score, b, lambda e: e.features(weights, score, b, key))
 
         n, (feats, sq) = self._padded(batch, stage, start, checkpoint, compute)
         feats, sq = feats[:n], sq[:n]
@@ -204,8 +273,7 @@ class GradientSource:
         """Exact squared gradient norms of one batch (no features formed)."""
 
         def compute(b: Batch) -> torch.Tensor:
-            self._verify(weights, score, b)
-            return self.engine.sqnorms(weights, score, b)
+            return self._computed(weights, score, b, lambda e: e.sqnorms(weights, score, b))
 
         n, sq = self._padded(batch, stage, start, checkpoint, compute)
         sq = sq[:n]
