@@ -102,7 +102,8 @@ def test_factored_engine_refuses_sequence_first_layers():
     x, y = torch.randn(3, 5, 4), torch.tensor([0, 1, 1])
     ckpts = tracin.Checkpoints.from_state_dicts([model.state_dict()], lr=[1.0])
     with pytest.raises(
-        tracin.TaskError, match=r"'lin' got input of shape \(5, \d+, 4\).*batch-first"
+        tracin.TaskError,
+        match=r"'lin' got input of shape \(5, \d+, 4\).*examples along the first dimension",
     ):
         tracin.featurize(model, tracin.ClassificationTask(), ckpts, (x, y), engine="factored")
     run = tracin.featurize(model, tracin.ClassificationTask(), ckpts, (x, y), engine="functional")
