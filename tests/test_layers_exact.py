@@ -126,7 +126,9 @@ def kronecker_blocks(eng, model, names, exact, checkpoint):
         w = params[layer.weight]
         g = exact[:, start[layer.weight] : start[layer.weight] + w.numel()]
         module = layer.module
-        if isinstance(module, nn.LayerNorm | nn.BatchNorm1d | nn.BatchNorm2d | nn.PReLU | Bare):
+        if layer.bias_only or isinstance(
+            module, nn.LayerNorm | nn.BatchNorm1d | nn.BatchNorm2d | nn.PReLU | Bare
+        ):
             parts = [g] + ([exact[:, start[layer.bias] :][:, : w.numel()]] if layer.bias else [])
             blocks.append(torch.cat(parts, 1))
             continue

@@ -68,7 +68,7 @@ def test_a_partly_hooked_tie_is_not_hooked() -> None:
     assert layers == [] and rest == ["emb.weight"]
 
 
-def test_a_linear_with_bias_tied_to_an_embedding_is_not_hooked() -> None:
+def test_a_linear_with_bias_tied_to_an_embedding_is_a_tie_and_a_bias() -> None:
     class Biased(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -80,4 +80,33 @@ def test_a_linear_with_bias_tied_to_an_embedding_is_not_hooked() -> None:
             return self.head(self.emb(x))
 
     layers, rest = supported_layers(Biased(), ["emb.weight", "head.bias"])
-    assert [layer.name for layer in layers] == [] and rest == ["emb.weight", "head.bias"]
+    assert [layer.name for layer in layers] == ["emb", "head", "head"] and rest == []
+    assert [layer.bias_only for layer in layers] == [False, False, True]
+    assert layers[0].index == layers[1].index != layers[2].index  # the tie's uses share a block
+
+
+class MLMHead(nn.Module):
+    """BERT-MLM's layout: the decoder's weight is the word embedding; its bias is also held by
+    the head module (``decoder.bias = self.bias``), as Hugging Face does."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.mid = nn.Linear(6, 6)
+        self.bias = nn.Parameter(torch.randn(11) * 0.1)
+        self.decoder = nn.Linear(6, 11)
+        self.decoder.weight = self.emb.weight
+        self.decoder.bias = self.bias
+
+    def forward(self, ids):
+        return self.decoder(torch.tanh(self.mid(self.emb(ids))))
+
+
+def test_a_tied_head_with_its_own_bias_is_hooked_whole():
+    from test_layers_exact import check_exact, lm_loss
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    batch = {"ids": torch.randint(0, 11, (5, 6), generator=gen)}
+    eng = check_exact(MLMHead(), lm_loss, batch, hooked=["emb", "mid", "decoder", "decoder"])
+    assert eng.rest is None and sum(la.bias_only for la in eng.layers) == 1

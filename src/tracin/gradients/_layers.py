@@ -13,9 +13,10 @@ gradient is ``G^T``; ``nn.EmbeddingBag`` is an Embedding over bag members
 projection, recorded from those calls (`tracin.gradients._intercept`).
 
 Only a layer whose gradient is provably ``sum_t d_t a_t^T`` is hooked. A weight shared by one
-Embedding and bias-free Linears (tied input/output embeddings, `embedding_ties`) is hooked in
-every module that uses it, its gradient the sum of the uses' (`tie_cross` gives the cross terms
-of its norm). Any other parameter owned by two modules, a weight computed by a
+Embedding and Linears (tied input/output embeddings, `embedding_ties`) is hooked in every module
+that uses it, its gradient the sum of the uses' (`tie_cross` gives the cross terms of its norm);
+a tied Linear's bias (BERT-MLM's decoder, whose bias its parent module also holds) is a layer of
+its own. Any other parameter owned by two modules, a weight computed by a
 parametrization (or by a pre-hook, as the old ``weight_norm``), or a subclass or instance that
 replaces ``forward`` is left to torch.func, which is exact. Hooks record a layer's own output
 before any user forward hook changes it. Sums of many products run in float32 or better
@@ -233,12 +234,19 @@ def supported_layers(
         if mod_name in inside_mha or not _plain(module) or not _supported(module):
             continue
         params = [p for p in module._parameters.values() if p is not None]
-        if any(id(p) in shared and id(p) not in ties for p in params):
+        tie = id(module.weight) if id(module.weight) in ties else None
+        tied_linear = tie is not None and isinstance(module, nn.Linear)
+        other = [p for p in params if id(p) in shared and id(p) not in ties]
+        if other and not (tied_linear and other == [module.bias]):  # a tied head's bias: below
             continue
         prefix = f"{mod_name}." if mod_name else ""
-        tie = id(module.weight) if id(module.weight) in ties else None
         weight = name_of.get(tie, f"{prefix}weight") if tie is not None else f"{prefix}weight"
-        bias = f"{prefix}bias" if getattr(module, "bias", None) is not None else None
+        bias_param = getattr(module, "bias", None)
+        bias = name_of.get(id(bias_param), f"{prefix}bias") if bias_param is not None else None
+        if tie is not None and tied_linear and bias is not None:  # BERT-MLM's decoder
+            layers += _tied_head(mod_name, module, weight, bias, chosen - banned,
+                                 group_index.setdefault(tie, len(layers)), len(layers))  # fmt: skip
+            continue
         own = {weight} | ({bias} if bias else set())
         if own <= chosen and not own & banned:
             index = len(layers) if tie is None else group_index.setdefault(tie, len(layers))
@@ -255,6 +263,22 @@ def supported_layers(
             layers.append(_Layer(name, stand_in, len(layers), name, None))
             covered.add(name)
     return layers, [n for n in names if n not in covered]
+
+
+def _tied_head(
+    mod_name: str, module: nn.Module, weight: str, bias: str, allowed: set[str], index: int, n: int
+) -> list[_Layer]:
+    """A Linear whose weight is an Embedding's and whose bias is its own: two layers.
+
+    The weight joins its tie (``index``); the bias, ``sum_t d_t``, is a layer of its own (a use
+    of the bias outside this Linear's call still reaches autograd and is refused).
+    """
+    out = []
+    if weight in allowed:
+        out.append(_Layer(mod_name, module, index, weight, None, tied=True))
+    if bias in allowed:
+        out.append(_Layer(mod_name, module, n + len(out), bias, None, bias_only=True))
+    return out
 
 
 def _projection_layers(
@@ -276,7 +300,7 @@ def _projection_layers(
 
 
 def embedding_ties(model: nn.Module) -> set[int]:
-    r"""``id`` of each weight shared only by one ``nn.Embedding`` and bias-free ``nn.Linear``\ s.
+    r"""``id`` of each weight shared only by one ``nn.Embedding`` and ``nn.Linear``\ s.
 
     The tied input/output embedding of language models (GPT-2's ``wte`` and ``lm_head``): the
     weight's gradient is the sum of the uses' gradients, each a sum of per-position outer
@@ -294,7 +318,7 @@ def embedding_ties(model: nn.Module) -> set[int]:
             continue
         kinds = [type(m) for m in mods.values()]
         embeddings = [m for m in mods.values() if type(m) is nn.Embedding]
-        linears = [m for m in mods.values() if type(m) is nn.Linear and m.bias is None]
+        linears = [m for m in mods.values() if type(m) is nn.Linear]
         whole = len(embeddings) == 1 and len(linears) == len(kinds) - 1
         if whole and all(_plain(m) and _supported(m) for m in mods.values()):
             out.add(pid)
@@ -310,11 +334,17 @@ def _whole_ties(model: nn.Module, layers: list[_Layer], ties: set[int]) -> list[
             uses[id(weight)] = uses.get(id(weight), 0) + 1
     hooked: dict[int, int] = {}
     for layer in layers:
+        if layer.bias_only:  # a tied head's bias is not a use of the tied weight
+            continue
         weight = layer.module._parameters.get("weight")
         if weight is not None and id(weight) in ties:
             hooked[id(weight)] = hooked.get(id(weight), 0) + 1
     partial = {pid for pid, n in hooked.items() if n != uses.get(pid)}
-    return [layer for layer in layers if id(layer.module._parameters.get("weight")) not in partial]
+    return [
+        layer
+        for layer in layers
+        if layer.bias_only or id(layer.module._parameters.get("weight")) not in partial
+    ]
 
 
 def tie_cross(parts: Sequence[tuple[torch.Tensor, torch.Tensor, int | None]]) -> torch.Tensor:
