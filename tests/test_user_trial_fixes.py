@@ -253,3 +253,19 @@ def test_option_names_rewrites_only_the_commands_options():
     )
     assert option_names("k=0", {}) == "k=0"
     assert option_names("k=0") == "k=0"  # outside a command: unchanged
+
+
+def test_a_float64_numpy_query_on_a_float32_model_names_the_cast_that_works():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    ckpts = tracin.Checkpoints.from_state_dicts([model.state_dict()], lr=[0.5])
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, generator=gen), torch.randint(0, 2, (6,), generator=gen)
+    run = tracin.featurize(model, tracin.ClassificationTask(), ckpts, (x, y))
+    query = np.random.default_rng(0).standard_normal((2, 3))  # float64, as NumPy makes it
+    with pytest.raises(tracin.TaskError, match=r"torch.as_tensor\(x, dtype=torch.float32\)"):
+        run.influence((query, np.array([0, 1])))
+    fixed = torch.as_tensor(query, dtype=torch.float32)  # the fix the message names
+    np.testing.assert_allclose(
+        run.influence((fixed, torch.tensor([0, 1]))),
+        run.influence((fixed.numpy(), np.array([0, 1]))),
+    )

@@ -52,7 +52,12 @@ Progress = Callable[[str, int, int], None]
 
 @contextmanager
 def model_errors(
-    stage: str, start: int, n: int, ckpt_id: str, model: nn.Module | None = None
+    stage: str,
+    start: int,
+    n: int,
+    ckpt_id: str,
+    model: nn.Module | None = None,
+    batch: Batch | None = None,
 ) -> Iterator[None]:
     """Turn an exception from inside the user's model or task into one tracin error.
 
@@ -61,7 +66,9 @@ def model_errors(
     rows (``start == 0``) inside a module is most likely the model's or the task's (wrong arity,
     the batch laid out differently from what the task expects): a `TaskError` naming the module
     (outside any module, e.g. a label out of range in the loss, a `DataError`); on later rows the
-    first rows worked, so the data is the likely cause: a `DataError` naming the rows.
+    first rows worked, so the data is the likely cause: a `DataError` naming the rows. A dtype
+    mismatch between ``batch``'s floating tensors and the model's parameters is named with the cast
+    that fixes it.
     """
     try:
         yield
@@ -72,6 +79,7 @@ def model_errors(
         place = f" in module {where}" if where else ""
         text = str(exc).strip()
         first = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        first += _dtype_hint(exc, model, batch)
         if n < MIN_ROWS:  # the engines see a padded batch: say why a shape shows MIN_ROWS rows
             first += (
                 f" (the {n} rows were padded to {MIN_ROWS} by repeating the last one, so a shape "
@@ -106,6 +114,24 @@ def _check_finite(ok: torch.Tensor, stage: str, start: int, ckpt_id: str) -> Non
             f"non-finite gradients for {stage} rows {rows[:10]} at checkpoint {ckpt_id!r}; "
             "check those examples (NaN/inf inputs or labels) or the checkpoint's weights"
         )
+
+
+def _dtype_hint(exc: Exception, model: nn.Module | None, batch: Batch | None) -> str:
+    """`` (the batch is float64, the model float32: ...)`` for a dtype error, else ``""``."""
+    if model is None or batch is None or "type" not in str(exc).lower():
+        return ""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    leaves: list[torch.Tensor] = []
+    map_tensors(leaves.append, batch)
+    other = next((t for t in leaves if t.is_floating_point() and param is not None
+                  and t.dtype != param.dtype), None)  # fmt: skip
+    if param is None or other is None:
+        return ""
+    want = str(param.dtype).removeprefix("torch.")
+    return (
+        f" (the batch is {str(other.dtype).removeprefix('torch.')}, the model {want}: pass "
+        f"torch.as_tensor(x, dtype=torch.{want}) or convert the model)"
+    )
 
 
 def _finite_rows(feats: torch.Tensor) -> torch.Tensor:
@@ -238,7 +264,7 @@ class GradientSource:
         Errors raised inside name the rows and the checkpoint.
         """
         batch, n = pad_rows(map_tensors(lambda t: t.to(device_of(self.model)), batch))
-        with model_errors(stage, start, n, checkpoint.id, self.model):
+        with model_errors(stage, start, n, checkpoint.id, self.model, batch):
             return n, fn(batch)
 
     def batch_features(
