@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tracin._batch import MIN_ROWS, Batch, Data, iter_batches, map_tensors, pad_rows
+from tracin._batch import MIN_ROWS, Batch, Data, batch_size, iter_batches, map_tensors, pad_rows
 from tracin._errors import (
     ConfigError,
     DataError,
@@ -29,6 +29,7 @@ from tracin._errors import (
     TracInWarning,
 )
 from tracin.checkpoints._checkpoints import Checkpoint, Checkpoints
+from tracin.gradients._embeddings import EmbeddingCapture
 from tracin.gradients._engines import IDENTITY, RunConfig, device_of, make_engine
 from tracin.gradients._functional import FeatureEngine, ScoreFn, functional_model
 from tracin.gradients._params import fit_state
@@ -170,6 +171,18 @@ class GradientSource:
         self._verified = config is None or config.engine == "loop"
         self._verified = self._verified or not engine.verifiable
         self._choice: EngineChoice | None = None
+        self.capture: EmbeddingCapture | None = None
+        """Set by featurize: the last checkpoint's embeddings kept from its feature pass."""
+
+    def _grab(self, checkpoint: Checkpoint, batch: Batch) -> Any:
+        """`EmbeddingCapture.during` for this batch, or a context that keeps nothing."""
+        if self.capture is None:
+            return nullcontext([])
+        return self.capture.during(self.engine, checkpoint.id, batch_size(batch))
+
+    def _keep(self, stage: str, start: int, grabbed: list[torch.Tensor], n: int) -> None:
+        if self.capture is not None:
+            self.capture.keep(stage, start, grabbed, n)
 
     def _verify(
         self,
@@ -278,11 +291,18 @@ class GradientSource:
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Features ``(B, dim)`` and squared norms of one batch; non-finite rows are an error."""
         key = checkpoint_key(checkpoint.id)
+        grabbed: list[torch.Tensor] = []
 
         def compute(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._computed(weights, score, b, lambda e: e.features(weights, score, b, key))
+            with self._grab(checkpoint, b) as got:
+                out = self._computed(
+                    weights, score, b, lambda e: e.features(weights, score, b, key)
+                )
+            grabbed.extend(got)
+            return out
 
         n, (feats, sq) = self._padded(batch, stage, start, checkpoint, compute)
+        self._keep(stage, start, grabbed, n)
         feats, sq = feats[:n], sq[:n]
         _check_finite(_finite_rows(feats) & torch.isfinite(sq), stage, start, checkpoint.id)
         return feats.detach(), sq.detach().cpu().numpy()
@@ -297,11 +317,16 @@ class GradientSource:
         stage: str = "train",
     ) -> np.ndarray:
         """Exact squared gradient norms of one batch (no features formed)."""
+        grabbed: list[torch.Tensor] = []
 
         def compute(b: Batch) -> torch.Tensor:
-            return self._computed(weights, score, b, lambda e: e.sqnorms(weights, score, b))
+            with self._grab(checkpoint, b) as got:
+                out = self._computed(weights, score, b, lambda e: e.sqnorms(weights, score, b))
+            grabbed.extend(got)
+            return out
 
         n, sq = self._padded(batch, stage, start, checkpoint, compute)
+        self._keep(stage, start, grabbed, n)
         sq = sq[:n]
         _check_finite(torch.isfinite(sq), stage, start, checkpoint.id)
         return sq.detach().cpu().numpy()
@@ -403,6 +428,11 @@ class GradientSource:
             captured.append(out.detach().flatten(1).double())
 
         def compute(piece: Batch, start: int) -> tuple[torch.Tensor, np.ndarray]:
+            kept = (
+                None if self.capture is None else self.capture.take(split, start, batch_size(piece))
+            )
+            if kept is not None:  # the feature pass at this checkpoint ran this forward already
+                return kept, kept.pow(2).sum(1).cpu().numpy()
             captured.clear()
             piece, n = pad_rows(map_tensors(lambda t: t.to(device_of(self.model)), piece))
             with torch.no_grad():

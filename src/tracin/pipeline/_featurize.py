@@ -27,6 +27,7 @@ from tracin._batch import Batch, Data, batch_size, iter_batches, map_tensors, sl
 from tracin._errors import ConfigError, DataError
 from tracin._task import Task, check_task
 from tracin.checkpoints._checkpoints import Checkpoint, Checkpoints
+from tracin.gradients._embeddings import EmbeddingCapture
 from tracin.gradients._engines import RunConfig, device_of, effective_projection, make_engine
 from tracin.gradients._factored import FactoredEngine
 from tracin.gradients._functional import functional_model
@@ -173,7 +174,10 @@ def gradient_source(s: Settings) -> tuple[Settings, GradientSource]:
         projection = dataclasses.replace(config.projection, split=engine.split())
         config = dataclasses.replace(config, projection=projection)
     s = dataclasses.replace(s, config=config)
-    return s, GradientSource(s.model, engine, config.batch_size, config)
+    source = GradientSource(s.model, engine, config.batch_size, config)
+    if s.embedding_layer is not None:  # the last checkpoint's pass keeps them (EmbeddingCapture)
+        source.capture = EmbeddingCapture(s.model, s.embedding_layer, s.checkpoints[-1].id)
+    return s, source
 
 
 CHECK_ROWS = 8
@@ -281,6 +285,7 @@ def embed(
     for name, (data, score) in s.splits().items():
         source.embed(store, name, s.checkpoints[-1], s.embedding_layer, score, data, rows[name],
                      s.config, part, progress)  # fmt: skip
+    source.capture = None  # later passes (queries) keep nothing
 
 
 def stream_sqnorms(
