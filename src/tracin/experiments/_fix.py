@@ -50,6 +50,7 @@ from tracin.experiments._mislabel import (
     Regime,
     _accuracy,
     _losses,
+    check_noise_regime_seeds,
     cleanlab_scores,
     train_mlp,
 )
@@ -111,12 +112,7 @@ class FixConfig:
         most = DATASETS[self.data][1]
         if self.rows is not None and not 100 <= self.rows <= most:
             raise ConfigError(f"rows={self.rows} must be between 100 and {most} for {self.data}")
-        if not 0 < self.noise < 0.5:
-            raise ConfigError(f"noise={self.noise} must be between 0 and 0.5")
-        if self.regime not in ("brief", "memorise"):
-            raise ConfigError(f"regime={self.regime!r}; expected 'brief' or 'memorise'")
-        if not self.seeds:
-            raise ConfigError("seeds must name at least one seed")
+        check_noise_regime_seeds(self.noise, self.regime, self.seeds)
         if not self.fractions or not all(0 < f < 1 for f in self.fractions):
             raise ConfigError(f"fractions={self.fractions}: give fractions between 0 and 1")
         if self.cleanlab_folds == 1 or self.cleanlab_folds < 0:

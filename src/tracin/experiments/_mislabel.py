@@ -48,6 +48,20 @@ BIAS = "TracIn self-influence, last-layer bias"
 PAPER = "TracIn self-influence, all parameters, lr-weighted (paper)"
 
 
+def check_noise_regime_seeds(noise: float, regime: str, seeds: object) -> None:
+    """The settings every mislabel experiment shares.
+
+    Raises:
+        ConfigError: ``noise`` outside (0, 0.5), an unknown ``regime``, or no seed.
+    """
+    if not 0 < noise < 0.5:
+        raise ConfigError(f"noise={noise} must be between 0 and 0.5")
+    if regime not in ("brief", "memorise"):
+        raise ConfigError(f"regime={regime!r}; expected 'brief' or 'memorise'")
+    if not seeds:
+        raise ConfigError("seeds must name at least one seed")
+
+
 @dataclass(frozen=True)
 class MislabelConfig:
     """What to measure.
@@ -76,12 +90,7 @@ class MislabelConfig:
     rows: int = 1500
 
     def __post_init__(self) -> None:
-        if not 0 < self.noise < 0.5:
-            raise ConfigError(f"noise={self.noise} must be between 0 and 0.5")
-        if self.regime not in ("brief", "memorise"):
-            raise ConfigError(f"regime={self.regime!r}; expected 'brief' or 'memorise'")
-        if not self.seeds:
-            raise ConfigError("seeds must name at least one seed")
+        check_noise_regime_seeds(self.noise, self.regime, self.seeds)
         if not 100 <= self.rows <= 1797:
             raise ConfigError(f"rows={self.rows} must be between 100 and 1797")
         if self.cleanlab_folds == 1 or self.cleanlab_folds < 0:

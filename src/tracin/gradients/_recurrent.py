@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from tracin._errors import HookError
 from tracin.gradients._projections import LinearStandIn, Projection
 
 __all__ = ["recurrent_projections", "unrolled"]
@@ -69,8 +68,8 @@ def unrolled(module: nn.Module) -> Any:
     """A forward for ``module`` (bound to it) made of ``F.linear`` calls; None if not recurrent.
 
     Same arguments and results as the module's own forward (``(input, hx=None)``; batch-first
-    or not); raises `HookError` for what it does not do (a packed sequence, an unbatched
-    input, dropout while training).
+    or not). Only for the calls `tracin.gradients._intercept` lets through (no packed
+    sequence, no unbatched input, no dropout while training).
     """
     if not _plain_recurrent(module):
         return None
@@ -82,20 +81,9 @@ def unrolled(module: nn.Module) -> Any:
     return forward
 
 
-def _refuse(module: nn.RNNBase, why: str) -> HookError:
-    names = [n for sfx in _suffixes(module) for n in (f"weight_ih{sfx}", f"weight_hh{sfx}")]
-    return HookError(
-        f"{type(module).__name__} {why}: the hooks cannot record it; use engine='auto' "
-        "(another engine computes it)",
-        tuple(names),
-    )
-
-
 def _run(module: nn.RNNBase, x: Any, hx: Any) -> Any:
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise _refuse(module, "got a packed sequence or an unbatched input")
-    if module.training and module.dropout > 0:
-        raise _refuse(module, "has dropout in training mode")
+    # `_intercept.intercepted` refused packed, unbatched and training-dropout calls already
+    assert isinstance(x, torch.Tensor) and x.dim() == 3
     seq = x.transpose(0, 1) if module.batch_first else x  # (T, B, in)
     lstm = module.mode == "LSTM"
     n_dirs = 2 if module.bidirectional else 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -174,15 +174,38 @@ class GradientSource:
         self.capture: EmbeddingCapture | None = None
         """Set by featurize: the last checkpoint's embeddings kept from its feature pass."""
 
-    def _grab(self, checkpoint: Checkpoint, batch: Batch) -> Any:
-        """`EmbeddingCapture.during` for this batch, or a context that keeps nothing."""
-        if self.capture is None:
-            return nullcontext([])
-        return self.capture.during(self.engine, checkpoint.id, batch_size(batch))
+    def _batch(
+        self,
+        weights: dict[str, torch.Tensor],
+        score: ScoreFn,
+        batch: Batch,
+        checkpoint: Checkpoint,
+        start: int,
+        stage: str,
+        fn: Callable[[FeatureEngine, Batch], T],
+    ) -> tuple[int, T]:
+        """``fn(engine, padded batch)`` (`_padded`, `_computed`) and the batch's row count.
 
-    def _keep(self, stage: str, start: int, grabbed: list[torch.Tensor], n: int) -> None:
-        if self.capture is not None:
-            self.capture.keep(stage, start, grabbed, n)
+        At the checkpoint `capture` keeps, the embedding layer's outputs are kept on the way.
+        """
+        grabbed: list[torch.Tensor] = []
+        capture = self.capture
+
+        def compute(b: Batch) -> T:
+            rows = batch_size(b)
+            keeping: AbstractContextManager[list[torch.Tensor]]
+            keeping = nullcontext([]) if capture is None else capture.during(
+                self.engine, checkpoint.id, rows
+            )  # fmt: skip
+            with keeping as got:
+                out = self._computed(weights, score, b, lambda e: fn(e, b))
+            grabbed.extend(got)
+            return out
+
+        n, out = self._padded(batch, stage, start, checkpoint, compute)
+        if capture is not None:
+            capture.keep(stage, start, grabbed, n)
+        return n, out
 
     def _verify(
         self,
@@ -291,18 +314,10 @@ class GradientSource:
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Features ``(B, dim)`` and squared norms of one batch; non-finite rows are an error."""
         key = checkpoint_key(checkpoint.id)
-        grabbed: list[torch.Tensor] = []
-
-        def compute(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-            with self._grab(checkpoint, b) as got:
-                out = self._computed(
-                    weights, score, b, lambda e: e.features(weights, score, b, key)
-                )
-            grabbed.extend(got)
-            return out
-
-        n, (feats, sq) = self._padded(batch, stage, start, checkpoint, compute)
-        self._keep(stage, start, grabbed, n)
+        n, (feats, sq) = self._batch(
+            weights, score, batch, checkpoint, start, stage,
+            lambda e, b: e.features(weights, score, b, key),
+        )  # fmt: skip
         feats, sq = feats[:n], sq[:n]
         _check_finite(_finite_rows(feats) & torch.isfinite(sq), stage, start, checkpoint.id)
         return feats.detach(), sq.detach().cpu().numpy()
@@ -317,16 +332,10 @@ class GradientSource:
         stage: str = "train",
     ) -> np.ndarray:
         """Exact squared gradient norms of one batch (no features formed)."""
-        grabbed: list[torch.Tensor] = []
-
-        def compute(b: Batch) -> torch.Tensor:
-            with self._grab(checkpoint, b) as got:
-                out = self._computed(weights, score, b, lambda e: e.sqnorms(weights, score, b))
-            grabbed.extend(got)
-            return out
-
-        n, sq = self._padded(batch, stage, start, checkpoint, compute)
-        self._keep(stage, start, grabbed, n)
+        n, sq = self._batch(
+            weights, score, batch, checkpoint, start, stage,
+            lambda e, b: e.sqnorms(weights, score, b),
+        )  # fmt: skip
         sq = sq[:n]
         _check_finite(torch.isfinite(sq), stage, start, checkpoint.id)
         return sq.detach().cpu().numpy()
